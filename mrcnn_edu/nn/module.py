@@ -1,0 +1,145 @@
+"""Param and Module: the two pieces of the explicit-autograd toolkit.
+
+A ``Param`` is an array with a gradient buffer of the same shape. A ``Module`` owns Params and
+child Modules (found by walking its attributes in definition order, like PyTorch), runs
+``forward(x)`` keeping what its backward needs in ``self.cache``, and ``backward(grad_out)`` which
+*accumulates* into its Params' ``.grad`` and returns the gradient with respect to its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..backend import get_xp
+
+
+class Param:
+    """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype).
+
+    ``requires_grad=False`` marks a frozen buffer (FrozenBatchNorm statistics, frozen stages):
+    it is saved in ``state_dict`` but the optimizer and gradcheck skip it.
+    ``no_weight_decay`` lets the optimizer exclude norm scales and biases from L2 decay.
+    """
+
+    def __init__(self, data, requires_grad: bool = True, no_weight_decay: bool = False):
+        self.data = data
+        self.grad = get_xp(data).zeros_like(data)
+        self.requires_grad = requires_grad
+        self.no_weight_decay = no_weight_decay
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    def zero_grad(self) -> None:
+        self.grad[...] = 0
+
+    def __repr__(self) -> str:
+        return f"Param(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class. Subclasses define ``forward`` and ``backward``."""
+
+    training: bool = True
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def backward(self, grad_out):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # -- traversal -------------------------------------------------------------------------
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    if isinstance(v, Module):
+                        yield f"{name}.{i}", v
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Param]]:
+        """All Params of this module and its children, with dotted names, frozen ones included."""
+        for name, value in vars(self).items():
+            if isinstance(value, Param):
+                yield prefix + name, value
+        for name, child in self.named_children():
+            yield from child.named_parameters(prefix + name + ".")
+
+    def parameters(self) -> list[Param]:
+        """The trainable Params (``requires_grad`` True)."""
+        return [p for _, p in self.named_parameters() if p.requires_grad]
+
+    def modules(self) -> Iterator[Module]:
+        yield self
+        for _, child in self.named_children():
+            yield from child.modules()
+
+    # -- state -----------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        for _, p in self.named_parameters():
+            p.zero_grad()
+
+    def train(self, mode: bool = True) -> Module:
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Name -> array (the live arrays; copy before mutating)."""
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Copy arrays into the Params. Missing or unexpected keys and shape mismatches raise a
+        ValueError that lists them all (``strict=False`` ignores missing/unexpected keys)."""
+        own = dict(self.named_parameters())
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys: {missing}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys: {unexpected}")
+        for name in sorted(set(own) & set(state)):
+            want, got = own[name].data.shape, tuple(np.shape(state[name]))
+            if want != got:
+                problems.append(f"shape mismatch for {name!r}: model has {want}, state has {got}")
+        if problems:
+            raise ValueError(
+                f"load_state_dict into {type(self).__name__} failed: " + "; ".join(problems)
+            )
+        for name in set(own) & set(state):
+            p = own[name]
+            xp = get_xp(p.data)
+            p.data[...] = xp.asarray(state[name], dtype=p.data.dtype)
+
+    def astype(self, dtype) -> Module:
+        """Cast every Param (and its grad) to ``dtype`` in place, e.g. float64 for gradchecks."""
+        for _, p in self.named_parameters():
+            p.data = p.data.astype(dtype)
+            p.grad = p.grad.astype(dtype)
+        return self
+
+    def to(self, xp_module) -> Module:
+        """Move every Param to ``numpy`` or ``cupy`` (pass the module itself)."""
+        for _, p in self.named_parameters():
+            if xp_module is np:
+                from ..backend import to_host
+
+                p.data, p.grad = to_host(p.data), to_host(p.grad)
+            else:
+                p.data, p.grad = xp_module.asarray(p.data), xp_module.asarray(p.grad)
+        return self
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(p.shape)) for _, p in self.named_parameters())
+        return f"{type(self).__name__}(params={n})"
