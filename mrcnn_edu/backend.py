@@ -75,3 +75,31 @@ def gpu_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
+
+
+KERNEL_ENV = "MRCNN_EDU_KERNELS"
+KERNEL_CHOICES = ("cupy", "numba")
+
+
+def gpu_kernel(family: str, func_name: str):
+    """The GPU implementation of ``func_name`` from ``mrcnn_edu.kernels.<choice>_<family>``.
+
+    ``choice`` comes from the environment variable ``MRCNN_EDU_KERNELS`` (``cupy`` by default,
+    or ``numba``). Core ops call this only when handed CuPy arrays, so the NumPy path never
+    imports a GPU library. Example: ``gpu_kernel("roi_align", "roi_align")`` is
+    ``mrcnn_edu.kernels.cupy_roi_align.roi_align`` by default.
+    """
+    import importlib
+    import os
+
+    choice = os.environ.get(KERNEL_ENV, "cupy").strip().lower()
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={choice!r} is not one of {KERNEL_CHOICES}")
+    module = importlib.import_module(f"mrcnn_edu.kernels.{choice}_{family}")
+    try:
+        return getattr(module, func_name)
+    except AttributeError:
+        raise NotImplementedError(
+            f"{func_name} has no {choice} GPU kernel (mrcnn_edu.kernels.{choice}_{family}); "
+            f"set {KERNEL_ENV}={'numba' if choice == 'cupy' else 'cupy'} to use the other one"
+        ) from None
