@@ -1,0 +1,386 @@
+"""Pure forward/backward pairs: ``op_forward(...) -> (out, cache)``, ``op_backward(dout, cache)``.
+
+Layers in ``layers.py`` are thin wrappers around these; a stage that applies one set of weights
+several times (the RPN head over FPN levels) calls the pairs directly and sums the gradients.
+Shapes are NCHW; weights follow PyTorch's layouts so checkpoints line up name by name.
+
+Convolution is im2col + GEMM. For one image, the columns matrix holds every receptive field:
+
+    cols[c, i, j, oy, ox] = x_pad[c, oy*s + i*d, ox*s + j*d]          (C*kh*kw, Ho*Wo)
+    y[o, :] = W[o, :] @ cols + b[o]                                    W: (O, C*kh*kw)
+
+and the backward is two GEMMs plus the adjoint of im2col (col2im, a scatter-add):
+
+    dW = dy @ cols.T        dcols = W.T @ dy        dx = col2im(dcols)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_xp
+
+
+def _pair(v, name: str = "value") -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{name} must be an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """Output length of a convolution along one axis: floor((size + 2p - d(k-1) - 1) / s) + 1."""
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# --------------------------------------------------------------------------------------------
+# im2col / col2im
+# --------------------------------------------------------------------------------------------
+def im2col(x, kh: int, kw: int, stride=(1, 1), dilation=(1, 1), out_hw=None):
+    """Gather receptive fields of an already padded ``x: (N, C, Hp, Wp)``.
+
+    Returns ``cols: (N, C, kh, kw, Ho, Wo)``, contiguous, so ``cols.reshape(N, C*kh*kw, Ho*Wo)``
+    is free. One strided slice copy per kernel offset (kh*kw copies, each vectorised).
+    """
+    xp = get_xp(x)
+    n, c, hp, wp = x.shape
+    sh, sw = stride
+    dh, dw = dilation
+    if out_hw is None:
+        out_hw = (conv_output_size(hp, kh, sh, 0, dh), conv_output_size(wp, kw, sw, 0, dw))
+    ho, wo = out_hw
+    cols = xp.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
+    for i in range(kh):
+        y0 = i * dh
+        for j in range(kw):
+            x0 = j * dw
+            cols[:, :, i, j] = x[
+                :, :, y0 : y0 + sh * (ho - 1) + 1 : sh, x0 : x0 + sw * (wo - 1) + 1 : sw
+            ]
+    return cols
+
+
+def col2im(cols, padded_shape, stride=(1, 1), dilation=(1, 1)):
+    """Adjoint of :func:`im2col`: scatter-add ``cols: (N, C, kh, kw, Ho, Wo)`` into a zero
+    array of ``padded_shape = (N, C, Hp, Wp)``. Overlapping fields add up, which is exactly the
+    chain rule for a pixel read by several output positions."""
+    xp = get_xp(cols)
+    n, c, kh, kw, ho, wo = cols.shape
+    sh, sw = stride
+    dh, dw = dilation
+    out = xp.zeros(padded_shape, dtype=cols.dtype)
+    for i in range(kh):
+        y0 = i * dh
+        for j in range(kw):
+            x0 = j * dw
+            out[:, :, y0 : y0 + sh * (ho - 1) + 1 : sh, x0 : x0 + sw * (wo - 1) + 1 : sw] += cols[
+                :, :, i, j
+            ]
+    return out
+
+
+def _pad(x, ph: int, pw: int, value=0.0):
+    if ph == 0 and pw == 0:
+        return x
+    xp = get_xp(x)
+    return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+
+
+def _unpad(x, ph: int, pw: int):
+    h, w = x.shape[2], x.shape[3]
+    return x[:, :, ph : h - ph, pw : w - pw]
+
+
+def _matmul_accumulate_batches(a, b):
+    """sum_n a[n] @ b[n] for stacks ``a: (N, M, P)``, ``b: (N, P, K)`` without an (N, M, K)
+    temporary: one GEMM per item accumulated in place (the batch loop is over images or RoIs,
+    each GEMM is large)."""
+    xp = get_xp(a)
+    out = xp.matmul(a[0], b[0])
+    if a.shape[0] > 1:
+        tmp = xp.empty_like(out)
+        for n in range(1, a.shape[0]):
+            xp.matmul(a[n], b[n], out=tmp)
+            out += tmp
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution
+# --------------------------------------------------------------------------------------------
+def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
+    """2-D convolution (cross-correlation, as in PyTorch).
+
+    x: (N, C, H, W); w: (O, C, kh, kw); b: (O,) or None.
+    Returns y: (N, O, Ho, Wo) and the cache for :func:`conv2d_backward`.
+    """
+    xp = get_xp(x)
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"conv2d expects x (N,C,H,W) and w (O,C,kh,kw), got {x.shape}, {w.shape}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"conv2d: x has {x.shape[1]} channels but weight expects {w.shape[1]}")
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    ho = conv_output_size(h, kh, s[0], p[0], d[0])
+    wo = conv_output_size(wd, kw, s[1], p[1], d[1])
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"conv2d: input {h}x{wd} too small for kernel {kh}x{kw} with padding {p}")
+    w2 = w.reshape(o, c * kh * kw)
+    if (kh, kw) == (1, 1) and s == (1, 1) and p == (0, 0):
+        # 1x1 convolution: the input already is the columns matrix.
+        cols = x.reshape(n, c, h * wd)
+    else:
+        cols = im2col(_pad(x, *p), kh, kw, s, d, (ho, wo)).reshape(n, c * kh * kw, ho * wo)
+    y = xp.matmul(w2, cols)  # (N, O, Ho*Wo): one GEMM per image, already in NCHW order
+    if b is not None:
+        y += b.reshape(1, o, 1)
+    cache = (x.shape, w, b is not None, cols, s, p, d, (ho, wo))
+    return y.reshape(n, o, ho, wo), cache
+
+
+def conv2d_backward(dy, cache):
+    """Gradients of :func:`conv2d_forward`: returns (dx, dw, db) (db is None without bias)."""
+    x_shape, w, has_bias, cols, s, p, d, (ho, wo) = cache
+    xp = get_xp(dy)
+    n, c, h, wd = x_shape
+    o, _, kh, kw = w.shape
+    dy2 = xp.ascontiguousarray(dy).reshape(n, o, ho * wo)
+    db = dy2.sum(axis=(0, 2)) if has_bias else None
+    # dW = sum_n dy_n @ cols_n^T
+    dw = _matmul_accumulate_batches(dy2, cols.transpose(0, 2, 1)).reshape(w.shape)
+    # dcols = W^T @ dy_n, then col2im
+    dcols = xp.matmul(w.reshape(o, c * kh * kw).T, dy2)
+    if (kh, kw) == (1, 1) and s == (1, 1) and p == (0, 0):
+        dx = dcols.reshape(x_shape)
+    else:
+        padded = (n, c, h + 2 * p[0], wd + 2 * p[1])
+        dx = col2im(dcols.reshape(n, c, kh, kw, ho, wo), padded, s, d)
+        dx = _unpad(dx, *p)
+    return dx, dw, db
+
+
+def conv_transpose2d_forward(x, w, b=None, stride=1, padding=0, output_padding=0, dilation=1):
+    """Transposed convolution, the adjoint of conv2d with respect to its input (PyTorch layout).
+
+    x: (N, Cin, H, W); w: (Cin, Cout, kh, kw); b: (Cout,) or None.
+    Ho = (H - 1)*s - 2p + d*(kh - 1) + output_padding + 1.
+    Every input pixel spreads ``x[n, ci, y, x] * w[ci, :, i, j]`` into output position
+    (y*s + i*d - p, x*s + j*d - p): a GEMM to columns followed by col2im.
+    """
+    xp = get_xp(x)
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(
+            f"conv_transpose2d expects x (N,Cin,H,W), w (Cin,Cout,kh,kw), got {x.shape}, {w.shape}"
+        )
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"conv_transpose2d: x has {x.shape[1]} channels but weight expects {w.shape[0]}"
+        )
+    n, cin, h, wd = x.shape
+    _, cout, kh, kw = w.shape
+    s, p = _pair(stride, "stride"), _pair(padding, "padding")
+    op, d = _pair(output_padding, "output_padding"), _pair(dilation, "dilation")
+    if op[0] >= max(s[0], d[0]) or op[1] >= max(s[1], d[1]):
+        raise ValueError("output_padding must be smaller than either stride or dilation")
+    full_h = (h - 1) * s[0] + d[0] * (kh - 1) + 1
+    full_w = (wd - 1) * s[1] + d[1] * (kw - 1) + 1
+    ho, wo = full_h - 2 * p[0] + op[0], full_w - 2 * p[1] + op[1]
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"conv_transpose2d: padding {p} leaves no output for input {h}x{wd}")
+    w2 = w.reshape(cin, cout * kh * kw)
+    cols = xp.matmul(w2.T, x.reshape(n, cin, h * wd))  # (N, Cout*kh*kw, H*W)
+    # The full (uncropped) output plus room for output_padding rows/columns at the end.
+    full = col2im(
+        cols.reshape(n, cout, kh, kw, h, wd), (n, cout, full_h + op[0], full_w + op[1]), s, d
+    )
+    y = xp.ascontiguousarray(full[:, :, p[0] : p[0] + ho, p[1] : p[1] + wo])
+    if b is not None:
+        y += b.reshape(1, cout, 1, 1)
+    cache = (x, w, b is not None, s, p, op, d, (full_h, full_w))
+    return y, cache
+
+
+def conv_transpose2d_backward(dy, cache):
+    """Gradients of :func:`conv_transpose2d_forward`: (dx, dw, db).
+
+    The adjoint of col2im is im2col, so dx is an ordinary convolution of dy with w."""
+    x, w, has_bias, s, p, op, d, (full_h, full_w) = cache
+    xp = get_xp(dy)
+    n, cin, h, wd = x.shape
+    _, cout, kh, kw = w.shape
+    db = dy.sum(axis=(0, 2, 3)) if has_bias else None
+    # Undo the crop: place dy back into the full output frame (zeros where the crop cut).
+    dfull = xp.zeros((n, cout, full_h + op[0], full_w + op[1]), dtype=dy.dtype)
+    dfull[:, :, p[0] : p[0] + dy.shape[2], p[1] : p[1] + dy.shape[3]] = dy
+    dcols = im2col(dfull, kh, kw, s, d, (h, wd)).reshape(n, cout * kh * kw, h * wd)
+    dx = xp.matmul(w.reshape(cin, cout * kh * kw), dcols).reshape(x.shape)
+    x2 = x.reshape(n, cin, h * wd)
+    dw = _matmul_accumulate_batches(x2, dcols.transpose(0, 2, 1)).reshape(w.shape)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# Linear, ReLU
+# --------------------------------------------------------------------------------------------
+def linear_forward(x, w, b=None):
+    """x: (N, in); w: (out, in); b: (out,). y = x @ w.T + b."""
+    if x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear expects x (N, {w.shape[1]}), got {x.shape}")
+    y = x @ w.T
+    if b is not None:
+        y += b
+    return y, (x, w, b is not None)
+
+
+def linear_backward(dy, cache):
+    x, w, has_bias = cache
+    return dy @ w, dy.T @ x, (dy.sum(axis=0) if has_bias else None)
+
+
+def relu_forward(x):
+    xp = get_xp(x)
+    mask = x > 0
+    return xp.where(mask, x, xp.zeros((), dtype=x.dtype)), mask
+
+
+def relu_backward(dy, mask):
+    return dy * mask
+
+
+# --------------------------------------------------------------------------------------------
+# Max pooling
+# --------------------------------------------------------------------------------------------
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
+    """Max pooling with -inf padding (as PyTorch). Ties: the first maximum in row-major
+    window order wins (a later element must be strictly greater), so the backward is
+    deterministic. Returns y: (N, C, Ho, Wo) and a cache holding the argmax offsets."""
+    xp = get_xp(x)
+    k = _pair(kernel_size, "kernel_size")
+    s = _pair(stride if stride is not None else kernel_size, "stride")
+    p = _pair(padding, "padding")
+    if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
+        raise ValueError(f"max_pool2d: padding {p} must be at most half the kernel {k}")
+    n, c, h, w = x.shape
+    ho, wo = conv_output_size(h, k[0], s[0], p[0], 1), conv_output_size(w, k[1], s[1], p[1], 1)
+    xpad = _pad(x, *p, value=-np.inf)
+    y = None
+    arg = xp.zeros((n, c, ho, wo), dtype=np.int32)
+    for i in range(k[0]):
+        for j in range(k[1]):
+            v = xpad[:, :, i : i + s[0] * (ho - 1) + 1 : s[0], j : j + s[1] * (wo - 1) + 1 : s[1]]
+            if y is None:
+                y = v.copy()
+                continue
+            better = v > y
+            y = xp.where(better, v, y)
+            arg = xp.where(better, i * k[1] + j, arg)
+    return y, (x.shape, arg, k, s, p)
+
+
+def max_pool2d_backward(dy, cache):
+    x_shape, arg, k, s, p = cache
+    xp = get_xp(dy)
+    n, c, h, w = x_shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    dpad = xp.zeros((n, c, h + 2 * p[0], w + 2 * p[1]), dtype=dy.dtype)
+    for i in range(k[0]):
+        for j in range(k[1]):
+            contrib = xp.where(arg == i * k[1] + j, dy, 0)
+            dpad[:, :, i : i + s[0] * (ho - 1) + 1 : s[0], j : j + s[1] * (wo - 1) + 1 : s[1]] += (
+                contrib
+            )
+    return _unpad(dpad, *p)
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest upsampling to a target size
+# --------------------------------------------------------------------------------------------
+def nearest_indices(in_size: int, out_size: int):
+    """Source index of every output index, as PyTorch's 'nearest' mode computes it:
+    floor(dst * (in/out)) with the scale in float32, clamped to in - 1."""
+    if out_size == in_size:
+        return np.arange(out_size)
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, in_size - 1)
+
+
+def upsample_nearest_forward(x, size):
+    """Nearest-neighbour resize of x: (N, C, H, W) to ``size = (Ho, Wo)`` (any sizes, e.g. the
+    odd feature maps of FPN's top-down path)."""
+    xp = get_xp(x)
+    ho, wo = _pair(size, "size")
+    iy = xp.asarray(nearest_indices(x.shape[2], ho))
+    ix = xp.asarray(nearest_indices(x.shape[3], wo))
+    return x[:, :, iy[:, None], ix[None, :]], (x.shape, iy, ix)
+
+
+def upsample_nearest_backward(dy, cache):
+    """Every input pixel receives the sum of the gradients of the outputs that copied it."""
+    x_shape, iy, ix = cache
+    xp = get_xp(dy)
+    n, c, h, w = x_shape
+    # Sum over output columns first (into input columns), then over rows; index_add style.
+    dx_cols = xp.zeros((n, c, dy.shape[2], w), dtype=dy.dtype)
+    xp.add.at(dx_cols, (slice(None), slice(None), slice(None), ix), dy)
+    dx = xp.zeros((n, c, h, w), dtype=dy.dtype)
+    xp.add.at(dx, (slice(None), slice(None), iy), dx_cols)
+    return dx
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+def frozen_batch_norm_forward(x, weight, bias, running_mean, running_var, eps=1e-5):
+    """BatchNorm with fixed statistics and affine parameters (how pre-trained backbones are
+    fine-tuned with small batches): y = x * scale + shift per channel."""
+    xp = get_xp(x)
+    scale = weight * (1.0 / xp.sqrt(running_var + eps))
+    shift = bias - running_mean * scale
+    c = x.shape[1]
+    return x * scale.reshape(1, c, 1, 1) + shift.reshape(1, c, 1, 1), scale
+
+
+def frozen_batch_norm_backward(dy, scale):
+    return dy * scale.reshape(1, -1, 1, 1)
+
+
+def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps=1e-5):
+    """Group Normalization (Wu & He, 2018): normalise over (C/G, H, W) within each group.
+
+    x: (N, C, H, W); weight, bias: (C,) or None."""
+    xp = get_xp(x)
+    n, c, h, w = x.shape
+    if c % num_groups:
+        raise ValueError(f"group_norm: {c} channels are not divisible by {num_groups} groups")
+    xg = x.reshape(n, num_groups, -1)
+    mean = xg.mean(axis=2, keepdims=True)
+    var = xg.var(axis=2, keepdims=True)
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    xhat = ((xg - mean) * inv_std).reshape(n, c, h, w)
+    y = xhat
+    if weight is not None:
+        y = y * weight.reshape(1, c, 1, 1) + bias.reshape(1, c, 1, 1)
+    return y, (xhat, inv_std, num_groups, weight)
+
+
+def group_norm_backward(dy, cache):
+    """Returns (dx, dweight, dbias). With xhat = (x - mu) * r per group of m elements:
+    dx = r * (g - mean(g) - xhat * mean(g * xhat)), where g = dy * weight."""
+    xhat, inv_std, num_groups, weight = cache
+    n, c, h, w = xhat.shape
+    if weight is not None:
+        dweight = (dy * xhat).sum(axis=(0, 2, 3))
+        dbias = dy.sum(axis=(0, 2, 3))
+        g = dy * weight.reshape(1, c, 1, 1)
+    else:
+        dweight = dbias = None
+        g = dy
+    gg = g.reshape(n, num_groups, -1)
+    xg = xhat.reshape(n, num_groups, -1)
+    dx = inv_std * (
+        gg - gg.mean(axis=2, keepdims=True) - xg * (gg * xg).mean(axis=2, keepdims=True)
+    )
+    return dx.reshape(n, c, h, w), dweight, dbias

@@ -1,0 +1,295 @@
+"""Layers: Modules that hold Params and call the forward/backward pairs of ``functional.py``.
+
+Each layer keeps the cache of its *last* forward; ``backward(grad_out)`` uses it, accumulates the
+parameter gradients into ``param.grad`` and returns the gradient with respect to the input.
+Weight layouts are PyTorch's, so a state dict maps name for name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import functional as F
+from .module import Module, Param
+
+
+def _rng(rng) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _uniform(rng, bound: float, shape, dtype):
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+class Conv2d(Module):
+    """2-D convolution by im2col + GEMM. weight: (out, in, kh, kw); bias: (out,).
+
+    Initialisation is PyTorch's default (Kaiming-uniform with a = sqrt(5), i.e. a uniform bound
+    of 1/sqrt(fan_in) for both weight and bias); pass ``rng`` (a seed or Generator) for
+    reproducibility.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        rng=None,
+        dtype=np.float32,
+    ):
+        kh, kw = F._pair(kernel_size, "kernel_size")
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        rng = _rng(rng)
+        bound = 1.0 / math.sqrt(in_channels * kh * kw)
+        self.weight = Param(_uniform(rng, bound, (out_channels, in_channels, kh, kw), dtype))
+        self.bias = (
+            Param(_uniform(rng, bound, (out_channels,), dtype), no_weight_decay=True)
+            if bias
+            else None
+        )
+        self.cache = None
+
+    def forward(self, x):
+        b = self.bias.data if self.bias is not None else None
+        y, self.cache = F.conv2d_forward(
+            x, self.weight.data, b, self.stride, self.padding, self.dilation
+        )
+        return y
+
+    def backward(self, grad_out):
+        dx, dw, db = F.conv2d_backward(grad_out, self.cache)
+        self.weight.grad += dw
+        if self.bias is not None:
+            self.bias.grad += db
+        return dx
+
+
+class ConvTranspose2d(Module):
+    """Transposed convolution. weight: (in, out, kh, kw) (PyTorch's layout); bias: (out,).
+
+    The mask head uses k=2, s=2 to double 14x14 RoI features to 28x28."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        dilation=1,
+        bias: bool = True,
+        rng=None,
+        dtype=np.float32,
+    ):
+        kh, kw = F._pair(kernel_size, "kernel_size")
+        self.stride, self.padding = stride, padding
+        self.output_padding, self.dilation = output_padding, dilation
+        rng = _rng(rng)
+        # PyTorch computes fan_in from weight.size(1) * kh * kw for transposed convolutions.
+        bound = 1.0 / math.sqrt(out_channels * kh * kw)
+        self.weight = Param(_uniform(rng, bound, (in_channels, out_channels, kh, kw), dtype))
+        self.bias = (
+            Param(_uniform(rng, bound, (out_channels,), dtype), no_weight_decay=True)
+            if bias
+            else None
+        )
+        self.cache = None
+
+    def forward(self, x):
+        b = self.bias.data if self.bias is not None else None
+        y, self.cache = F.conv_transpose2d_forward(
+            x, self.weight.data, b, self.stride, self.padding, self.output_padding, self.dilation
+        )
+        return y
+
+    def backward(self, grad_out):
+        dx, dw, db = F.conv_transpose2d_backward(grad_out, self.cache)
+        self.weight.grad += dw
+        if self.bias is not None:
+            self.bias.grad += db
+        return dx
+
+
+class Linear(Module):
+    """Fully connected layer. weight: (out, in); bias: (out,). Input (N, in)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, rng=None, dtype=np.float32
+    ):
+        rng = _rng(rng)
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = Param(_uniform(rng, bound, (out_features, in_features), dtype))
+        self.bias = (
+            Param(_uniform(rng, bound, (out_features,), dtype), no_weight_decay=True)
+            if bias
+            else None
+        )
+        self.cache = None
+
+    def forward(self, x):
+        b = self.bias.data if self.bias is not None else None
+        y, self.cache = F.linear_forward(x, self.weight.data, b)
+        return y
+
+    def backward(self, grad_out):
+        dx, dw, db = F.linear_backward(grad_out, self.cache)
+        self.weight.grad += dw
+        if self.bias is not None:
+            self.bias.grad += db
+        return dx
+
+
+class ReLU(Module):
+    def __init__(self):
+        self.cache = None
+
+    def forward(self, x):
+        y, self.cache = F.relu_forward(x)
+        return y
+
+    def backward(self, grad_out):
+        return F.relu_backward(grad_out, self.cache)
+
+
+class MaxPool2d(Module):
+    """Max pooling; ties go to the first maximum in row-major window order."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.cache = None
+
+    def forward(self, x):
+        y, self.cache = F.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding)
+        return y
+
+    def backward(self, grad_out):
+        return F.max_pool2d_backward(grad_out, self.cache)
+
+
+class Upsample(Module):
+    """Nearest-neighbour resize to a target size given at call time (FPN's top-down path
+    resizes the coarser map to the finer map's exact shape, odd sizes included)."""
+
+    def __init__(self):
+        self.cache = None
+
+    def forward(self, x, size=None):
+        if size is None:
+            raise ValueError("Upsample.forward needs the target size (Ho, Wo)")
+        y, self.cache = F.upsample_nearest_forward(x, size)
+        return y
+
+    def backward(self, grad_out):
+        return F.upsample_nearest_backward(grad_out, self.cache)
+
+
+class FrozenBatchNorm2d(Module):
+    """BatchNorm2d with frozen statistics and affine parameters (none are trained).
+
+    The four arrays are Params with ``requires_grad=False`` so they live in the state dict
+    (and load from converted checkpoints) but the optimizer never touches them."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, dtype=np.float32):
+        self.eps = eps
+        self.weight = Param(np.ones(num_features, dtype), requires_grad=False)
+        self.bias = Param(np.zeros(num_features, dtype), requires_grad=False)
+        self.running_mean = Param(np.zeros(num_features, dtype), requires_grad=False)
+        self.running_var = Param(np.ones(num_features, dtype), requires_grad=False)
+        self.cache = None
+
+    def forward(self, x):
+        y, self.cache = F.frozen_batch_norm_forward(
+            x,
+            self.weight.data,
+            self.bias.data,
+            self.running_mean.data,
+            self.running_var.data,
+            self.eps,
+        )
+        return y
+
+    def backward(self, grad_out):
+        return F.frozen_batch_norm_backward(grad_out, self.cache)
+
+
+class GroupNorm(Module):
+    """GroupNorm(num_groups, num_channels) with a per-channel affine transform."""
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        dtype=np.float32,
+    ):
+        if num_channels % num_groups:
+            raise ValueError(
+                f"GroupNorm: num_channels={num_channels} not divisible by num_groups={num_groups}"
+            )
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = Param(np.ones(num_channels, dtype), no_weight_decay=True) if affine else None
+        self.bias = Param(np.zeros(num_channels, dtype), no_weight_decay=True) if affine else None
+        self.cache = None
+
+    def forward(self, x):
+        w = self.weight.data if self.weight is not None else None
+        b = self.bias.data if self.bias is not None else None
+        y, self.cache = F.group_norm_forward(x, self.num_groups, w, b, self.eps)
+        return y
+
+    def backward(self, grad_out):
+        dx, dw, db = F.group_norm_backward(grad_out, self.cache)
+        if self.weight is not None:
+            self.weight.grad += dw
+            self.bias.grad += db
+        return dx
+
+
+class Flatten(Module):
+    """(N, ...) -> (N, prod(...))."""
+
+    def __init__(self):
+        self.shape = None
+
+    def forward(self, x):
+        self.shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_out):
+        return grad_out.reshape(self.shape)
+
+
+class Sequential(Module):
+    """Applies layers in order; backward runs them in reverse."""
+
+    def __init__(self, *layers: Module):
+        self.layers = list(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_out):
+        for layer in reversed(self.layers):
+            grad_out = layer.backward(grad_out)
+        return grad_out
+
+    def named_children(self):
+        # Children are named "0", "1", ... as in torch.nn.Sequential, so state-dict keys match.
+        for i, layer in enumerate(self.layers):
+            yield str(i), layer
+
+    def __getitem__(self, i: int) -> Module:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
