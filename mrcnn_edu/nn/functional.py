@@ -37,10 +37,13 @@ def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
 # --------------------------------------------------------------------------------------------
 # im2col / col2im
 # --------------------------------------------------------------------------------------------
+# The columns matrix is laid out channel-major, (C, kh, kw, N, Ho, Wo), so that a whole batch is
+# ONE large GEMM with the weights, W (O, C*kh*kw) @ cols (C*kh*kw, N*Ho*Wo): many small images
+# (the mask head runs on 128+ RoIs of 14x14) would otherwise be many small, slow GEMMs.
 def im2col(x, kh: int, kw: int, stride=(1, 1), dilation=(1, 1), out_hw=None):
     """Gather receptive fields of an already padded ``x: (N, C, Hp, Wp)``.
 
-    Returns ``cols: (N, C, kh, kw, Ho, Wo)``, contiguous, so ``cols.reshape(N, C*kh*kw, Ho*Wo)``
+    Returns ``cols: (C, kh, kw, N, Ho, Wo)``, contiguous, so ``cols.reshape(C*kh*kw, N*Ho*Wo)``
     is free. One strided slice copy per kernel offset (kh*kw copies, each vectorised).
     """
     xp = get_xp(x)
@@ -50,34 +53,35 @@ def im2col(x, kh: int, kw: int, stride=(1, 1), dilation=(1, 1), out_hw=None):
     if out_hw is None:
         out_hw = (conv_output_size(hp, kh, sh, 0, dh), conv_output_size(wp, kw, sw, 0, dw))
     ho, wo = out_hw
-    cols = xp.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
+    cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
+    x_cn = x.transpose(1, 0, 2, 3)  # a view: (C, N, Hp, Wp)
     for i in range(kh):
         y0 = i * dh
         for j in range(kw):
             x0 = j * dw
-            cols[:, :, i, j] = x[
+            cols[:, i, j] = x_cn[
                 :, :, y0 : y0 + sh * (ho - 1) + 1 : sh, x0 : x0 + sw * (wo - 1) + 1 : sw
             ]
     return cols
 
 
 def col2im(cols, padded_shape, stride=(1, 1), dilation=(1, 1)):
-    """Adjoint of :func:`im2col`: scatter-add ``cols: (N, C, kh, kw, Ho, Wo)`` into a zero
+    """Adjoint of :func:`im2col`: scatter-add ``cols: (C, kh, kw, N, Ho, Wo)`` into a zero
     array of ``padded_shape = (N, C, Hp, Wp)``. Overlapping fields add up, which is exactly the
     chain rule for a pixel read by several output positions."""
     xp = get_xp(cols)
-    n, c, kh, kw, ho, wo = cols.shape
+    c, kh, kw, n, ho, wo = cols.shape
     sh, sw = stride
     dh, dw = dilation
-    out = xp.zeros(padded_shape, dtype=cols.dtype)
+    out = xp.zeros((padded_shape[1], padded_shape[0]) + tuple(padded_shape[2:]), dtype=cols.dtype)
     for i in range(kh):
         y0 = i * dh
         for j in range(kw):
             x0 = j * dw
             out[:, :, y0 : y0 + sh * (ho - 1) + 1 : sh, x0 : x0 + sw * (wo - 1) + 1 : sw] += cols[
-                :, :, i, j
+                :, i, j
             ]
-    return out
+    return out.transpose(1, 0, 2, 3)  # (N, C, Hp, Wp) view of the channel-major buffer
 
 
 def _pad(x, ph: int, pw: int, value=0.0):
@@ -92,18 +96,18 @@ def _unpad(x, ph: int, pw: int):
     return x[:, :, ph : h - ph, pw : w - pw]
 
 
-def _matmul_accumulate_batches(a, b):
-    """sum_n a[n] @ b[n] for stacks ``a: (N, M, P)``, ``b: (N, P, K)`` without an (N, M, K)
-    temporary: one GEMM per item accumulated in place (the batch loop is over images or RoIs,
-    each GEMM is large)."""
+def _to_channel_major(a):
+    """(N, C, H, W) -> (C, N*H*W), the GEMM operand layout (free when N == 1)."""
     xp = get_xp(a)
-    out = xp.matmul(a[0], b[0])
-    if a.shape[0] > 1:
-        tmp = xp.empty_like(out)
-        for n in range(1, a.shape[0]):
-            xp.matmul(a[n], b[n], out=tmp)
-            out += tmp
-    return out
+    n, c = a.shape[:2]
+    return xp.ascontiguousarray(a.reshape(n, c, -1).transpose(1, 0, 2)).reshape(c, -1)
+
+
+def _from_channel_major(a, n: int, h: int, w: int):
+    """(C, N*H*W) -> (N, C, H, W), contiguous (free when N == 1)."""
+    xp = get_xp(a)
+    c = a.shape[0]
+    return xp.ascontiguousarray(a.reshape(c, n, h, w).transpose(1, 0, 2, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +119,6 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
     x: (N, C, H, W); w: (O, C, kh, kw); b: (O,) or None.
     Returns y: (N, O, Ho, Wo) and the cache for :func:`conv2d_backward`.
     """
-    xp = get_xp(x)
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"conv2d expects x (N,C,H,W) and w (O,C,kh,kw), got {x.shape}, {w.shape}")
     if x.shape[1] != w.shape[1]:
@@ -127,36 +130,33 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
     wo = conv_output_size(wd, kw, s[1], p[1], d[1])
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d: input {h}x{wd} too small for kernel {kh}x{kw} with padding {p}")
-    w2 = w.reshape(o, c * kh * kw)
     if (kh, kw) == (1, 1) and s == (1, 1) and p == (0, 0):
-        # 1x1 convolution: the input already is the columns matrix.
-        cols = x.reshape(n, c, h * wd)
+        cols = _to_channel_major(x)  # a 1x1 convolution's columns are the pixels themselves
     else:
-        cols = im2col(_pad(x, *p), kh, kw, s, d, (ho, wo)).reshape(n, c * kh * kw, ho * wo)
-    y = xp.matmul(w2, cols)  # (N, O, Ho*Wo): one GEMM per image, already in NCHW order
+        cols = im2col(_pad(x, *p), kh, kw, s, d, (ho, wo)).reshape(c * kh * kw, n * ho * wo)
+    y = w.reshape(o, c * kh * kw) @ cols  # (O, N*Ho*Wo): one GEMM for the whole batch
     if b is not None:
-        y += b.reshape(1, o, 1)
+        y += b.reshape(o, 1)
     cache = (x.shape, w, b is not None, cols, s, p, d, (ho, wo))
-    return y.reshape(n, o, ho, wo), cache
+    return _from_channel_major(y, n, ho, wo), cache
 
 
 def conv2d_backward(dy, cache):
-    """Gradients of :func:`conv2d_forward`: returns (dx, dw, db) (db is None without bias)."""
+    """Gradients of :func:`conv2d_forward`: returns (dx, dw, db) (db is None without bias).
+
+    dW = dY @ cols^T and dcols = W^T @ dY (two GEMMs), then dx = col2im(dcols)."""
     x_shape, w, has_bias, cols, s, p, d, (ho, wo) = cache
-    xp = get_xp(dy)
     n, c, h, wd = x_shape
     o, _, kh, kw = w.shape
-    dy2 = xp.ascontiguousarray(dy).reshape(n, o, ho * wo)
-    db = dy2.sum(axis=(0, 2)) if has_bias else None
-    # dW = sum_n dy_n @ cols_n^T
-    dw = _matmul_accumulate_batches(dy2, cols.transpose(0, 2, 1)).reshape(w.shape)
-    # dcols = W^T @ dy_n, then col2im
-    dcols = xp.matmul(w.reshape(o, c * kh * kw).T, dy2)
+    dy2 = _to_channel_major(dy)  # (O, N*Ho*Wo)
+    db = dy2.sum(axis=1) if has_bias else None
+    dw = (dy2 @ cols.T).reshape(w.shape)
+    dcols = w.reshape(o, c * kh * kw).T @ dy2
     if (kh, kw) == (1, 1) and s == (1, 1) and p == (0, 0):
-        dx = dcols.reshape(x_shape)
+        dx = _from_channel_major(dcols, n, h, wd)
     else:
         padded = (n, c, h + 2 * p[0], wd + 2 * p[1])
-        dx = col2im(dcols.reshape(n, c, kh, kw, ho, wo), padded, s, d)
+        dx = col2im(dcols.reshape(c, kh, kw, n, ho, wo), padded, s, d)
         dx = _unpad(dx, *p)
     return dx, dw, db
 
@@ -189,16 +189,16 @@ def conv_transpose2d_forward(x, w, b=None, stride=1, padding=0, output_padding=0
     ho, wo = full_h - 2 * p[0] + op[0], full_w - 2 * p[1] + op[1]
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv_transpose2d: padding {p} leaves no output for input {h}x{wd}")
-    w2 = w.reshape(cin, cout * kh * kw)
-    cols = xp.matmul(w2.T, x.reshape(n, cin, h * wd))  # (N, Cout*kh*kw, H*W)
+    x2 = _to_channel_major(x)  # (Cin, N*H*W)
+    cols = w.reshape(cin, cout * kh * kw).T @ x2  # (Cout*kh*kw, N*H*W)
     # The full (uncropped) output plus room for output_padding rows/columns at the end.
     full = col2im(
-        cols.reshape(n, cout, kh, kw, h, wd), (n, cout, full_h + op[0], full_w + op[1]), s, d
+        cols.reshape(cout, kh, kw, n, h, wd), (n, cout, full_h + op[0], full_w + op[1]), s, d
     )
     y = xp.ascontiguousarray(full[:, :, p[0] : p[0] + ho, p[1] : p[1] + wo])
     if b is not None:
         y += b.reshape(1, cout, 1, 1)
-    cache = (x, w, b is not None, s, p, op, d, (full_h, full_w))
+    cache = (x.shape, x2, w, b is not None, s, p, op, d, (full_h, full_w))
     return y, cache
 
 
@@ -206,18 +206,17 @@ def conv_transpose2d_backward(dy, cache):
     """Gradients of :func:`conv_transpose2d_forward`: (dx, dw, db).
 
     The adjoint of col2im is im2col, so dx is an ordinary convolution of dy with w."""
-    x, w, has_bias, s, p, op, d, (full_h, full_w) = cache
+    x_shape, x2, w, has_bias, s, p, op, d, (full_h, full_w) = cache
     xp = get_xp(dy)
-    n, cin, h, wd = x.shape
+    n, cin, h, wd = x_shape
     _, cout, kh, kw = w.shape
     db = dy.sum(axis=(0, 2, 3)) if has_bias else None
     # Undo the crop: place dy back into the full output frame (zeros where the crop cut).
     dfull = xp.zeros((n, cout, full_h + op[0], full_w + op[1]), dtype=dy.dtype)
     dfull[:, :, p[0] : p[0] + dy.shape[2], p[1] : p[1] + dy.shape[3]] = dy
-    dcols = im2col(dfull, kh, kw, s, d, (h, wd)).reshape(n, cout * kh * kw, h * wd)
-    dx = xp.matmul(w.reshape(cin, cout * kh * kw), dcols).reshape(x.shape)
-    x2 = x.reshape(n, cin, h * wd)
-    dw = _matmul_accumulate_batches(x2, dcols.transpose(0, 2, 1)).reshape(w.shape)
+    dcols = im2col(dfull, kh, kw, s, d, (h, wd)).reshape(cout * kh * kw, n * h * wd)
+    dx = _from_channel_major(w.reshape(cin, cout * kh * kw) @ dcols, n, h, wd)
+    dw = (x2 @ dcols.T).reshape(w.shape)
     return dx, dw, db
 
 
