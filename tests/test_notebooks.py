@@ -13,10 +13,6 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_notebooks_exist():
-    assert NOTEBOOKS, "no notebooks found in notebooks/"
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
