@@ -141,16 +141,20 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
     return _from_channel_major(y, n, ho, wo), cache
 
 
-def conv2d_backward(dy, cache):
+def conv2d_backward(dy, cache, need_dx: bool = True):
     """Gradients of :func:`conv2d_forward`: returns (dx, dw, db) (db is None without bias).
 
-    dW = dY @ cols^T and dcols = W^T @ dY (two GEMMs), then dx = col2im(dcols)."""
+    dW = dY @ cols^T and dcols = W^T @ dY (two GEMMs), then dx = col2im(dcols).
+    ``need_dx=False`` skips the input gradient (dx is None): the first layer of a network
+    never needs the gradient of the image, and that GEMM plus col2im is a third of its cost."""
     x_shape, w, has_bias, cols, s, p, d, (ho, wo) = cache
     n, c, h, wd = x_shape
     o, _, kh, kw = w.shape
     dy2 = _to_channel_major(dy)  # (O, N*Ho*Wo)
     db = dy2.sum(axis=1) if has_bias else None
     dw = (dy2 @ cols.T).reshape(w.shape)
+    if not need_dx:
+        return None, dw, db
     dcols = w.reshape(o, c * kh * kw).T @ dy2
     if (kh, kw) == (1, 1) and s == (1, 1) and p == (0, 0):
         dx = _from_channel_major(dcols, n, h, wd)

@@ -62,8 +62,8 @@ class Conv2d(Module):
         )
         return y
 
-    def backward(self, grad_out):
-        dx, dw, db = F.conv2d_backward(grad_out, self.cache)
+    def backward(self, grad_out, need_input_grad: bool = True):
+        dx, dw, db = F.conv2d_backward(grad_out, self.cache, need_input_grad)
         self.weight.grad += dw
         if self.bias is not None:
             self.bias.grad += db
