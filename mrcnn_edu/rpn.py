@@ -1,0 +1,452 @@
+"""The Region Proposal Network (Faster R-CNN Sec. 3.1, with FPN levels as in Lin et al. 2017).
+
+A small fully convolutional head slides over every FPN level and, for each of the A anchors at
+every position, predicts an objectness score and four box deltas. Training matches anchors to
+ground truth (IoU 0.7 / 0.3), samples 256 anchors per image, and applies
+
+    L = L_cls(objectness of the sampled anchors) + L_reg(deltas of the sampled positives),
+
+both normalised by the number of sampled anchors. Proposals are the anchors moved by the deltas,
+filtered (top-k per level, clip, drop tiny boxes, NMS 0.7 per level, top-k) and handed to the
+RoI heads *without gradient* (the paper's approximate joint training, Sec. 3.2).
+
+Objectness has two equivalent forms (see docs/anchors_rpn.md):
+- ``"softmax"`` (the paper, the default): 2 logits per anchor ``(z_bg, z_obj)``, 2-way softmax
+  cross-entropy. Head output channels are laid out ``(A, 2)``: channel ``2a + c``.
+- ``"sigmoid"`` (torchvision / Detectron2): 1 logit per anchor, binary cross-entropy.
+Because ``softmax([z_bg, z_obj])[1] = sigmoid(z_obj - z_bg)``, the softmax head is the sigmoid
+head with an extra, redundant background logit; proposals are ranked by ``z_obj - z_bg``.
+
+Everything else follows torchvision's ``RegionProposalNetwork`` (SEMANTICS.md), so proposals can
+be compared box for box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, AnchorGenerator
+from .backend import get_xp
+from .boxes import BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes, validate_boxes
+from .matching import BalancedPositiveNegativeSampler, Matcher
+from .nms import batched_nms
+from .nn import functional as F
+from .nn.layers import Conv2d
+from .nn.losses import binary_cross_entropy_with_logits, sigmoid, smooth_l1, softmax_cross_entropy
+from .nn.module import Module
+
+OBJECTNESS_LOSSES = ("softmax", "sigmoid")
+
+
+@dataclass
+class RPNConfig:
+    """RPN hyper-parameters; the defaults are the paper's / torchvision's Mask R-CNN values."""
+
+    anchor_sizes: tuple = DEFAULT_SIZES
+    aspect_ratios: tuple = DEFAULT_ASPECT_RATIOS
+    objectness_loss: str = "softmax"  # "softmax": 2-way CE (paper); "sigmoid": 1-logit BCE
+    fg_iou_thresh: float = 0.7  # IoU >= 0.7 with some GT: positive
+    bg_iou_thresh: float = 0.3  # IoU < 0.3 with every GT: negative; in between: ignored
+    allow_low_quality_matches: bool = True  # each GT's best anchors are positive too
+    batch_size_per_image: int = 256  # sampled anchors per image
+    positive_fraction: float = 0.5  # at most half of them positive
+    pre_nms_top_n_train: int = 2000  # per level, before NMS
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000  # per image, after NMS
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    score_thresh: float = 0.0  # on the object probability (0 keeps everything)
+    min_size: float = 1e-3  # proposals narrower or shorter than this are dropped
+    box_loss_beta: float = 1.0 / 9  # smooth L1 switch point
+    box_coder_weights: tuple = (1.0, 1.0, 1.0, 1.0)
+
+    def __post_init__(self):
+        if self.objectness_loss not in OBJECTNESS_LOSSES:
+            raise ValueError(
+                f"objectness_loss must be one of {OBJECTNESS_LOSSES}, got {self.objectness_loss!r}"
+            )
+        if not 0.0 <= self.bg_iou_thresh <= self.fg_iou_thresh <= 1.0:
+            raise ValueError(
+                "need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got "
+                f"{self.bg_iou_thresh} and {self.fg_iou_thresh}"
+            )
+        for name in (
+            "pre_nms_top_n_train",
+            "pre_nms_top_n_test",
+            "post_nms_top_n_train",
+            "post_nms_top_n_test",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def logits_per_anchor(self) -> int:
+        return 2 if self.objectness_loss == "softmax" else 1
+
+
+class RPNHead(Module):
+    """3x3 conv + ReLU, then sibling 1x1 convs for objectness and box deltas (Faster R-CNN Fig. 3).
+
+    The same weights slide over every FPN level (sharing is what makes the head's outputs
+    comparable across levels), so ``forward`` takes a list of levels and ``backward`` sums each
+    parameter's gradient over them.
+
+    in_channels: C of every level. num_anchors: A per position. logits_per_anchor: 2 for the
+    softmax objectness, 1 for the sigmoid one. Init: normal(std 0.01), zero bias (torchvision).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        logits_per_anchor: int = 2,
+        rng=None,
+        dtype=np.float32,
+    ):
+        if logits_per_anchor not in (1, 2):
+            raise ValueError(f"logits_per_anchor must be 1 or 2, got {logits_per_anchor}")
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.num_anchors = int(num_anchors)
+        self.logits_per_anchor = int(logits_per_anchor)
+        self.conv = Conv2d(in_channels, in_channels, 3, padding=1, rng=rng, dtype=dtype)
+        self.cls_logits = Conv2d(
+            in_channels, num_anchors * logits_per_anchor, 1, rng=rng, dtype=dtype
+        )
+        self.bbox_pred = Conv2d(in_channels, num_anchors * 4, 1, rng=rng, dtype=dtype)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            layer.weight.data[...] = rng.normal(0.0, 0.01, size=layer.weight.shape)
+            layer.bias.data[...] = 0
+        self.cache: list | None = None
+
+    def forward(self, features: Sequence) -> tuple[list, list]:
+        """features: list of (N, C, H_l, W_l). Returns ``(objectness, deltas)``: lists of
+        (N, A*logits_per_anchor, H_l, W_l) and (N, A*4, H_l, W_l)."""
+        objectness, deltas, self.cache = [], [], []
+        for x in features:
+            t, conv_cache = F.conv2d_forward(x, self.conv.weight.data, self.conv.bias.data, 1, 1)
+            t, relu_mask = F.relu_forward(t)
+            logits, cls_cache = F.conv2d_forward(
+                t, self.cls_logits.weight.data, self.cls_logits.bias.data
+            )
+            box, box_cache = F.conv2d_forward(
+                t, self.bbox_pred.weight.data, self.bbox_pred.bias.data
+            )
+            objectness.append(logits)
+            deltas.append(box)
+            self.cache.append((conv_cache, relu_mask, cls_cache, box_cache))
+        return objectness, deltas
+
+    def backward(self, grad_objectness: Sequence, grad_deltas: Sequence) -> list:
+        """Gradients of the two output lists -> list of (N, C, H_l, W_l) feature gradients.
+
+        Parameter gradients are accumulated (summed over levels) into ``.grad``.
+        """
+        if self.cache is None:
+            raise RuntimeError("RPNHead.backward called before forward")
+        grad_features = []
+        for (conv_cache, relu_mask, cls_cache, box_cache), g_obj, g_box in zip(
+            self.cache, grad_objectness, grad_deltas, strict=True
+        ):
+            # the ReLU output feeds both 1x1 convs, so its gradient is the sum of theirs
+            g_t, dw, db = F.conv2d_backward(g_obj, cls_cache)
+            self.cls_logits.weight.grad += dw
+            self.cls_logits.bias.grad += db
+            g_t2, dw, db = F.conv2d_backward(g_box, box_cache)
+            self.bbox_pred.weight.grad += dw
+            self.bbox_pred.bias.grad += db
+            g_t = F.relu_backward(g_t + g_t2, relu_mask)
+            g_x, dw, db = F.conv2d_backward(g_t, conv_cache)
+            self.conv.weight.grad += dw
+            self.conv.bias.grad += db
+            grad_features.append(g_x)
+        return grad_features
+
+
+class RPN(Module):
+    """Region Proposal Network: head + anchors + matching + losses + proposal filtering.
+
+    in_channels: channels of every feature level (256 for FPN). config: :class:`RPNConfig`.
+    rng: seed or ``numpy.random.Generator`` for the head's initialisation and for anchor
+    sampling (``self.sampler.rng``; reseed it to replay a step exactly).
+    """
+
+    def __init__(
+        self, in_channels: int, config: RPNConfig | None = None, rng=None, dtype=np.float32
+    ):
+        self.config = config = config if config is not None else RPNConfig()
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.anchor_generator = AnchorGenerator(config.anchor_sizes, config.aspect_ratios)
+        num_anchors = self.anchor_generator.num_anchors_per_location()
+        if len(set(num_anchors)) != 1:
+            raise ValueError(
+                f"a head shared over levels needs the same anchors per position on every level, "
+                f"got {num_anchors}"
+            )
+        self.head = RPNHead(in_channels, num_anchors[0], config.logits_per_anchor, rng, dtype)
+        self.box_coder = BoxCoder(config.box_coder_weights)
+        self.matcher = Matcher(
+            config.fg_iou_thresh, config.bg_iou_thresh, config.allow_low_quality_matches
+        )
+        self.sampler = BalancedPositiveNegativeSampler(
+            config.batch_size_per_image, config.positive_fraction, rng
+        )
+        self._grads = None
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        features: Sequence,
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[dict] | None = None,
+        batch_shape: tuple[int, int] | None = None,
+    ) -> tuple[list, dict]:
+        """Proposals for every image, and the RPN losses when ``targets`` are given.
+
+        features: list of (N, C, H_l, W_l) float arrays, finest level first.
+        image_sizes: N pairs ``(h, w)``: each image's size before padding (proposals are clipped
+            to it).
+        targets: optional list of N dicts with ``"boxes"``: (G_i, 4) ground truth in pixels.
+        batch_shape: ``(H, W)`` of the padded batch the features came from; the stride of a
+            level is ``batch_shape // feature shape``. Default: the largest image size, right
+            only when the batch was padded to exactly that -- pass it when padding to a
+            multiple of 32.
+
+        Returns ``(proposals, losses)``: a list of N (K_i, 4) arrays, best first (no gradient
+        flows into them; their object probabilities are kept in ``self.proposal_scores``), and
+        ``{"loss_objectness", "loss_rpn_box_reg"}`` as floats (empty without targets). After a
+        forward with targets, :meth:`backward` gives the gradients.
+        """
+        features = list(features)
+        self._check_inputs(features, image_sizes, targets)
+        xp = get_xp(features[0])
+        num_images = features[0].shape[0]
+        if batch_shape is None:
+            batch_shape = (max(int(h) for h, _ in image_sizes), max(int(w) for _, w in image_sizes))
+        feature_shapes = [tuple(f.shape[-2:]) for f in features]
+
+        objectness, deltas = self.head(features)
+        anchors = xp.asarray(self.anchor_generator(batch_shape, feature_shapes, features[0].dtype))
+        num_anchors_per_level = self.anchor_generator.num_anchors_per_level(feature_shapes)
+
+        # (N, A*k, H, W) per level -> (N, sum_l H_l W_l A, k): row order = anchor order
+        flat_logits = xp.concatenate(
+            [_flatten_level(o, self.head.num_anchors) for o in objectness], 1
+        )
+        flat_deltas = xp.concatenate([_flatten_level(d, self.head.num_anchors) for d in deltas], 1)
+        object_logit = self.object_logit(flat_logits)  # (N, T) log-odds of "object"
+
+        # proposals carry no gradient: nothing below is differentiated
+        proposals = self.box_coder.decode(
+            flat_deltas.reshape(-1, 4), xp.tile(anchors, (num_images, 1))
+        ).reshape(num_images, -1, 4)
+        boxes, self.proposal_scores = self.filter_proposals(
+            proposals, object_logit, image_sizes, num_anchors_per_level
+        )
+
+        losses: dict = {}
+        self._grads = None
+        if targets is not None:
+            labels, regression_targets = self.assign_targets_to_anchors(anchors, targets)
+            loss_obj, loss_box, g_logits, g_deltas = self.compute_loss(
+                flat_logits, flat_deltas, labels, regression_targets
+            )
+            losses = {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_box}
+            self._grads = (
+                _unflatten_levels(g_logits, objectness, self.head.num_anchors),
+                _unflatten_levels(g_deltas, deltas, self.head.num_anchors),
+            )
+        return boxes, losses
+
+    def backward(self, objectness_weight: float = 1.0, box_weight: float = 1.0) -> list:
+        """Back-propagate ``objectness_weight * loss_objectness + box_weight * loss_rpn_box_reg``
+        of the last forward: accumulates the head's ``.grad`` and returns the gradient of every
+        feature level, a list of (N, C, H_l, W_l) for the backbone."""
+        if self._grads is None:
+            raise RuntimeError("RPN.backward needs a forward with targets first (no losses yet)")
+        g_logits, g_deltas = self._grads
+        return self.head.backward(
+            [objectness_weight * g for g in g_logits], [box_weight * g for g in g_deltas]
+        )
+
+    # -- the stages, public so the notebooks can show each one -----------------------------------
+    def object_logit(self, flat_logits):
+        """(N, T, k) head logits -> (N, T) log-odds of "object": ``z`` (sigmoid) or
+        ``z_obj - z_bg`` (softmax; its sigmoid is the softmax probability of class 1)."""
+        if self.config.objectness_loss == "softmax":
+            return flat_logits[..., 1] - flat_logits[..., 0]
+        return flat_logits[..., 0]
+
+    def assign_targets_to_anchors(self, anchors, targets: Sequence[dict]) -> tuple[list, list]:
+        """Match anchors (T, 4) to each image's GT boxes.
+
+        Returns ``(labels, regression_targets)``: per image a (T,) int array (1 positive,
+        0 negative, -1 ignored) and a (T, 4) array of encoded GT boxes (rows of non-positives
+        are 0 and unused).
+        """
+        xp = get_xp(anchors)
+        labels, regression_targets = [], []
+        for target in targets:
+            gt_boxes = _gt_boxes(target, xp, anchors.dtype)
+            matched_idxs = self.matcher(box_iou(gt_boxes, anchors))  # all -1 without GT
+            labels_per_image = xp.zeros(anchors.shape[0], dtype=xp.int64)
+            labels_per_image[matched_idxs >= 0] = 1
+            labels_per_image[matched_idxs == Matcher.BETWEEN_THRESHOLDS] = -1
+            targets_per_image = xp.zeros_like(anchors)
+            positive = xp.flatnonzero(matched_idxs >= 0)
+            if positive.size:
+                targets_per_image[positive] = self.box_coder.encode(
+                    gt_boxes[matched_idxs[positive]], anchors[positive]
+                )
+            labels.append(labels_per_image)
+            regression_targets.append(targets_per_image)
+        return labels, regression_targets
+
+    def compute_loss(self, flat_logits, flat_deltas, labels, regression_targets):
+        """Sample anchors and evaluate both losses and their gradients.
+
+        flat_logits: (N, T, k); flat_deltas: (N, T, 4); labels / regression_targets: per image.
+        Returns ``(loss_objectness, loss_box, grad_logits (N, T, k), grad_deltas (N, T, 4))``.
+
+        Both losses are normalised by S, the number of anchors sampled in the whole batch
+        (torchvision): objectness is the mean CE over the S anchors, the box loss the smooth-L1
+        sum over the sampled positives divided by S.
+        """
+        xp = get_xp(flat_logits)
+        pos_masks, neg_masks = self.sampler(labels)
+        pos = xp.flatnonzero(xp.concatenate(pos_masks))
+        neg = xp.flatnonzero(xp.concatenate(neg_masks))
+        sampled = xp.concatenate([pos, neg])
+        num_sampled = int(sampled.size)
+
+        k = flat_logits.shape[-1]
+        logits = flat_logits.reshape(-1, k)
+        deltas = flat_deltas.reshape(-1, 4)
+        sampled_labels = xp.concatenate(labels)[sampled]
+        grad_logits = xp.zeros_like(logits)
+        grad_deltas = xp.zeros_like(deltas)
+
+        if self.config.objectness_loss == "softmax":
+            loss_obj, g = softmax_cross_entropy(logits[sampled], sampled_labels)
+        else:
+            loss_obj, g = binary_cross_entropy_with_logits(logits[sampled, 0], sampled_labels)
+            g = g[:, None]
+        grad_logits[sampled] = g
+
+        loss_box, g = smooth_l1(
+            deltas[pos],
+            xp.concatenate(regression_targets)[pos],
+            beta=self.config.box_loss_beta,
+            reduction="sum",
+        )
+        denom = max(num_sampled, 1)
+        grad_deltas[pos] = g / denom
+        return (
+            loss_obj,
+            loss_box / denom,
+            grad_logits.reshape(flat_logits.shape),
+            grad_deltas.reshape(flat_deltas.shape),
+        )
+
+    def filter_proposals(self, proposals, object_logit, image_sizes, num_anchors_per_level):
+        """torchvision's ``filter_proposals``: decoded boxes (N, T, 4) and logits (N, T) ->
+        per image (K_i, 4) boxes and (K_i,) object probabilities, best first.
+
+        Per image: the top ``pre_nms_top_n`` logits of every level, sigmoid, clip to the image,
+        drop boxes smaller than ``min_size``, drop probabilities below ``score_thresh``, NMS at
+        ``nms_thresh`` within each level, keep the ``post_nms_top_n`` best. Equal logits are
+        taken in anchor order (a stable sort).
+        """
+        xp = get_xp(proposals)
+        cfg = self.config
+        pre_n = cfg.pre_nms_top_n_train if self.training else cfg.pre_nms_top_n_test
+        post_n = cfg.post_nms_top_n_train if self.training else cfg.post_nms_top_n_test
+        levels = xp.concatenate(
+            [xp.full(n, i, dtype=xp.int64) for i, n in enumerate(num_anchors_per_level)]
+        )
+        starts = np.cumsum([0, *num_anchors_per_level])
+
+        final_boxes, final_scores = [], []
+        for boxes, logit, image_size in zip(proposals, object_logit, image_sizes, strict=True):
+            top = []
+            for lo, hi in zip(starts[:-1], starts[1:]):
+                order = xp.argsort(-logit[lo:hi], kind="stable")[:pre_n]
+                top.append(int(lo) + order)
+            top = xp.concatenate(top)
+            boxes = clip_boxes_to_image(boxes[top], (int(image_size[0]), int(image_size[1])))
+            scores, lvl = sigmoid(logit[top]), levels[top]
+
+            keep = remove_small_boxes(boxes, cfg.min_size)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = xp.flatnonzero(scores >= cfg.score_thresh)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+
+            keep = batched_nms(boxes, scores, lvl, cfg.nms_thresh)[:post_n]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _check_inputs(self, features, image_sizes, targets) -> None:
+        if not features:
+            raise ValueError("features is empty; pass a list of (N, C, H, W) arrays, one per level")
+        n, c = features[0].shape[:2]
+        num_levels = len(self.anchor_generator.sizes)
+        if len(features) != num_levels:
+            raise ValueError(
+                f"got {len(features)} feature levels but the anchor generator has {num_levels} "
+                "(one anchor-size tuple per level); set RPNConfig.anchor_sizes accordingly"
+            )
+        for i, f in enumerate(features):
+            if f.ndim != 4 or f.shape[:2] != (n, c):
+                raise ValueError(
+                    f"features[{i}] has shape {tuple(f.shape)}; every level must be (N, C, H, W) "
+                    f"with the same N={n} and C={c}"
+                )
+        if c != self.head.conv.weight.shape[1]:
+            raise ValueError(
+                f"features have {c} channels, the RPN head expects {self.head.conv.weight.shape[1]}"
+            )
+        if len(image_sizes) != n:
+            raise ValueError(f"image_sizes has {len(image_sizes)} entries for a batch of {n}")
+        if targets is not None:
+            if len(targets) != n:
+                raise ValueError(f"targets has {len(targets)} entries for a batch of {n}")
+            xp = get_xp(features[0])
+            for i, t in enumerate(targets):
+                if "boxes" not in t:
+                    raise ValueError(f"targets[{i}] has no 'boxes' entry (a (G, 4) array)")
+                validate_boxes(
+                    _gt_boxes(t, xp, features[0].dtype),
+                    f"targets[{i}]['boxes']",
+                    check_order=True,
+                    finite=True,
+                )
+
+
+def _gt_boxes(target: dict, xp, dtype):
+    """``target["boxes"]`` as an xp array of ``dtype``; an empty list becomes (0, 4)."""
+    boxes = xp.asarray(target["boxes"], dtype=dtype)
+    return boxes.reshape(0, 4) if boxes.size == 0 else boxes
+
+
+def _flatten_level(x, num_anchors: int):
+    """(N, A*k, H, W) -> (N, H*W*A, k): location-major, then anchor -- the anchors' order."""
+    n, ak, h, w = x.shape
+    k = ak // num_anchors
+    return x.reshape(n, num_anchors, k, h, w).transpose(0, 3, 4, 1, 2).reshape(n, -1, k)
+
+
+def _unflatten_levels(flat, like_levels: list, num_anchors: int) -> list:
+    """Inverse of concatenating ``_flatten_level`` outputs: (N, T, k) -> list of (N, A*k, H, W)."""
+    out, start = [], 0
+    for like in like_levels:
+        n, ak, h, w = like.shape
+        k = ak // num_anchors
+        count = h * w * num_anchors
+        part = flat[:, start : start + count].reshape(n, h, w, num_anchors, k)
+        out.append(part.transpose(0, 3, 4, 1, 2).reshape(n, ak, h, w))
+        start += count
+    return out
