@@ -1,0 +1,320 @@
+"""Pictures of what the model sees and says: instances drawn over images, training curves.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and saved with the Agg renderer,
+without ``pyplot``: nothing is registered globally, so there is no figure to leak or close and
+no backend to switch, and the functions work the same in scripts, tests and notebooks.
+``draw_instances`` draws onto any ``Axes``, including one from ``plt.subplots()`` in a notebook.
+
+Matplotlib is imported inside the functions (``pip install 'mrcnn-edu[demo]'``), so importing
+this module needs NumPy only.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .backend import to_host
+
+_HINT = "pip install 'mrcnn-edu[demo]'"
+# Qualitative colours, one per class label (label k gets _PALETTE[(k - 1) % len]): the same
+# class has the same colour in the ground-truth and the prediction panels.
+_PALETTE = (
+    (0.90, 0.10, 0.10),
+    (0.10, 0.45, 0.95),
+    (0.10, 0.75, 0.20),
+    (1.00, 0.60, 0.00),
+    (0.60, 0.20, 0.85),
+    (0.00, 0.80, 0.80),
+    (0.95, 0.30, 0.70),
+    (0.55, 0.40, 0.20),
+    (0.60, 0.80, 0.10),
+    (0.30, 0.30, 0.30),
+)
+# Columns of a training log that are axes or settings, not losses.
+_NOT_LOSSES = {"step", "iter", "iteration", "epoch", "lr", "time", "seconds", "elapsed", "eta"}
+
+
+def draw_instances(
+    ax,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray | None = None,
+    scores: np.ndarray | None = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    mask_alpha: float = 0.45,
+    mask_threshold: float = 0.5,
+):
+    """Draw an image and its instances on a matplotlib ``Axes``; return the axes.
+
+    Args:
+        ax: the axes to draw on.
+        image: ``(3, H, W)`` float in [0, 1] (or uint8 in [0, 255]).
+        boxes: ``(D, 4)`` xyxy pixels (pixel edges: ``x2`` is one past the last column).
+        labels: ``(D,)`` ints in ``1..K``.
+        masks: optional ``(D, H, W)`` (or ``(D, 1, H, W)``) binary or probabilities; a pixel is
+            drawn when its value is ``> mask_threshold``. Shown as translucent fills with an
+            outline.
+        scores: optional ``(D,)``; printed after the class name.
+        class_names: names of labels ``1..K`` (``class_names[label - 1]``) or a
+            ``{label: name}`` dict; default shows the label number.
+    """
+    image = _image_hwc(image)
+    height, width = image.shape[:2]
+    boxes = np.asarray(to_host(boxes), dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(to_host(labels)).reshape(-1)
+    if labels.shape[0] != boxes.shape[0]:
+        raise ValueError(f"got {boxes.shape[0]} boxes but {labels.shape[0]} labels")
+    if scores is not None:
+        scores = np.asarray(to_host(scores), dtype=np.float64).reshape(-1)
+        if scores.shape[0] != boxes.shape[0]:
+            raise ValueError(f"got {boxes.shape[0]} boxes but {scores.shape[0]} scores")
+    if masks is not None:
+        masks = np.asarray(to_host(masks))
+        if masks.ndim == 4 and masks.shape[1] == 1:
+            masks = masks[:, 0]
+        if masks.shape != (boxes.shape[0], height, width):
+            raise ValueError(
+                f"masks must be (D, H, W) = {(boxes.shape[0], height, width)}, got {masks.shape}"
+            )
+    _, patches = _import_matplotlib()
+
+    # extent puts pixel edges on integer coordinates, the convention boxes use.
+    extent = (0, width, height, 0)
+    ax.imshow(image, extent=extent, interpolation="nearest")
+    if masks is not None and len(masks):
+        overlay = np.zeros((height, width, 4))
+        for mask, label in zip(masks, labels):
+            inside = mask > mask_threshold
+            overlay[inside, :3] = _colour(label)
+            overlay[inside, 3] = mask_alpha
+        ax.imshow(overlay, extent=extent, interpolation="nearest")
+        for mask, label in zip(masks, labels):
+            if (mask > mask_threshold).any():
+                # contour runs through pixel centres, which sit at +0.5 with this extent.
+                ax.contour(
+                    np.arange(width) + 0.5,
+                    np.arange(height) + 0.5,
+                    (mask > mask_threshold).astype(float),
+                    levels=[0.5],
+                    colors=[_colour(label)],
+                    linewidths=1.0,
+                )
+    for d, ((x1, y1, x2, y2), label) in enumerate(zip(boxes, labels)):
+        colour = _colour(label)
+        ax.add_patch(
+            patches.Rectangle(
+                (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5
+            )
+        )
+        text = _class_name(int(label), class_names)
+        if scores is not None:
+            text += f" {scores[d]:.2f}"
+        # Above the box, unless that would leave the image: then just inside its top edge.
+        ax.text(
+            x1,
+            y1,
+            text,
+            fontsize=7,
+            color="white",
+            va="bottom" if y1 >= 0.08 * height else "top",
+            ha="left",
+            clip_on=True,
+            bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"},
+        )
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_axis_off()
+    return ax
+
+
+def save_predictions_figure(
+    images,
+    predictions: Sequence[Mapping],
+    targets: Sequence[Mapping] | None = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    path: str | os.PathLike = "predictions.png",
+    max_images: int = 8,
+    score_threshold: float = 0.5,
+) -> str:
+    """Save a grid of predictions (ground truth beside each when ``targets`` are given).
+
+    Args:
+        images: ``(N, 3, H, W)`` array or a list of ``(3, H, W)`` arrays.
+        predictions: one dict per image with ``"boxes"``, ``"labels"``, ``"scores"`` and
+            optionally ``"masks"`` (the model's ``predict`` output).
+        targets: optional dicts with ``"boxes"``, ``"labels"`` and optionally ``"masks"``.
+        class_names: as in ``draw_instances``.
+        path: the PNG to write (its folder must exist).
+        max_images: draw at most this many images (the first ones).
+        score_threshold: detections scoring below this are not drawn.
+
+    Returns the path written.
+    """
+    Figure, _ = _import_matplotlib()
+    if len(images) != len(predictions):
+        raise ValueError(f"got {len(images)} images but {len(predictions)} predictions")
+    if targets is not None and len(targets) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    num = min(len(images), max_images)
+    if num == 0:
+        raise ValueError("no images to draw")
+    panels_per_image = 2 if targets is not None else 1
+    images_per_row = 2 if targets is not None else 4
+    cols = panels_per_image * min(num, images_per_row)
+    rows = math.ceil(num / images_per_row)
+    fig = Figure(figsize=(3.0 * cols, 3.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for i in range(num):
+        slot = i * panels_per_image
+        if targets is not None:
+            t = targets[i]
+            draw_instances(
+                axes[slot], images[i], t["boxes"], t["labels"], t.get("masks"),
+                class_names=class_names,
+            )  # fmt: skip
+            axes[slot].set_title("ground truth", fontsize=9)
+            slot += 1
+        p = predictions[i]
+        keep = np.asarray(to_host(p["scores"])) >= score_threshold
+        masks = p.get("masks")
+        draw_instances(
+            axes[slot],
+            images[i],
+            np.asarray(to_host(p["boxes"]))[keep],
+            np.asarray(to_host(p["labels"]))[keep],
+            None if masks is None else np.asarray(to_host(masks))[keep],
+            np.asarray(to_host(p["scores"]))[keep],
+            class_names=class_names,
+        )
+        axes[slot].set_title(f"prediction (score >= {score_threshold:g})", fontsize=9)
+    fig.tight_layout()
+    path = os.fspath(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_training_curves(
+    log: str | os.PathLike | Mapping[str, Sequence[float]],
+    path: str | os.PathLike = "training_curves.png",
+    x_key: str = "step",
+) -> str:
+    """Plot every loss of a training log against the step, log y axis; return the path.
+
+    Args:
+        log: a CSV file with a header row (as the trainer writes) or ``{column: values}``.
+            Every numeric column is a loss except ``x_key`` and the bookkeeping columns
+            (``step``, ``epoch``, ``lr``, ``time`` ...); ``lr``, when present, is drawn dashed
+            on a second axis. Empty cells and non-positive losses are left out of the plot.
+        path: the PNG to write.
+        x_key: the column used as the x axis (default ``"step"``; row number if absent).
+    """
+    columns = _read_log(log)
+    fig = _training_curves_figure(columns, x_key)
+    path = os.fspath(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _training_curves_figure(columns: dict[str, np.ndarray], x_key: str):
+    Figure, _ = _import_matplotlib()
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"log columns must be non-empty and of one length, got {sorted(lengths)}")
+    (length,) = lengths
+    x = columns.get(x_key, np.arange(length, dtype=np.float64))
+    losses = {k: v for k, v in columns.items() if k.lower() not in _NOT_LOSSES and k != x_key}
+    if not losses:
+        raise ValueError(
+            f"the log has no loss columns (columns: {sorted(columns)}); expected e.g. "
+            f"'loss', 'loss_classifier'"
+        )
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for name, values in losses.items():
+        values = np.where(values > 0, values, np.nan)  # a log axis cannot show <= 0
+        # "loss" (the total) drawn thicker, so the sum stands out from its parts.
+        ax.plot(x, values, lw=2.0 if name == "loss" else 1.2, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel(x_key if x_key in columns else "row")
+    ax.set_ylabel("loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    lr_key = next((k for k in columns if k.lower() == "lr"), None)
+    if lr_key is not None:
+        ax_lr = ax.twinx()
+        ax_lr.plot(x, columns[lr_key], color="grey", ls="--", lw=1.0)
+        ax_lr.set_ylabel("learning rate (dashed)", color="grey")
+    fig.tight_layout()
+    return fig
+
+
+def _read_log(log) -> dict[str, np.ndarray]:
+    if isinstance(log, Mapping):
+        return {str(k): np.asarray(v, dtype=np.float64).reshape(-1) for k, v in log.items()}
+    path = os.fspath(log)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"training log {path!r} does not exist")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no data rows (is it a CSV with a header line?)")
+    columns = {}
+    for name in rows[0]:
+        if name is None:
+            continue
+        values = []
+        for row in rows:
+            cell = (row.get(name) or "").strip()
+            try:
+                values.append(float(cell) if cell else math.nan)
+            except ValueError:
+                break  # a text column (a phase name, a timestamp): not plottable
+        else:
+            columns[name.strip()] = np.asarray(values)
+    return columns
+
+
+def _image_hwc(image) -> np.ndarray:
+    image = np.asarray(to_host(image))
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"image must be (3, H, W) (or (1, H, W)), got shape {image.shape}")
+    image = image.transpose(1, 2, 0)
+    if image.dtype == np.uint8:
+        image = image.astype(np.float64) / 255.0
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.clip(image.astype(np.float64), 0.0, 1.0)
+
+
+def _colour(label) -> tuple[float, float, float]:
+    return _PALETTE[(int(label) - 1) % len(_PALETTE)]
+
+
+def _class_name(label: int, class_names) -> str:
+    if class_names is None:
+        return str(label)
+    if isinstance(class_names, Mapping):
+        return str(class_names.get(label, label))
+    if 1 <= label <= len(class_names):
+        return str(class_names[label - 1])
+    return str(label)
+
+
+def _import_matplotlib():
+    """``(Figure, matplotlib.patches)``, or an ImportError naming the extra to install."""
+    try:
+        from matplotlib import patches
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(f"figures need matplotlib ({err}); install it with {_HINT}") from err
+    return Figure, patches

@@ -1,0 +1,149 @@
+"""Figures: instances drawn over images, prediction grids, training curves."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mrcnn_edu.data.shapes import ShapesDataset  # noqa: E402
+from mrcnn_edu.visualize import (  # noqa: E402
+    _training_curves_figure,
+    draw_instances,
+    plot_training_curves,
+    save_predictions_figure,
+)
+
+
+def as_prediction(item, score=0.9):
+    g = len(item["labels"])
+    return {
+        "boxes": item["boxes"],
+        "labels": item["labels"],
+        "scores": np.full(g, score, np.float32),
+        "masks": item["masks"].astype(np.float32) * 0.8,  # probabilities
+    }
+
+
+def test_draw_instances_draws_each_box_label_and_mask():
+    ds = ShapesDataset(1, image_size=(64, 48), min_objects=3, max_objects=3, seed=2)
+    item = ds[0]
+    ax = Figure().subplots()
+    scores = np.array([0.91, 0.5, 0.123])
+    draw_instances(
+        ax, item["image"], item["boxes"], item["labels"], item["masks"], scores, ds.class_names
+    )
+    boxes = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(boxes) == 3
+    x1, y1, x2, y2 = item["boxes"][0]
+    assert boxes[0].get_xy() == (x1, y1) and boxes[0].get_width() == x2 - x1
+    texts = sorted(t.get_text() for t in ax.texts)
+    names = [ds.class_names[k - 1] for k in item["labels"]]
+    assert texts == sorted(f"{n} {s:.2f}" for n, s in zip(names, scores))
+    image, overlay = ax.images  # the picture and the translucent masks over it
+    assert image.get_array().shape == (64, 48, 3)
+    alpha = np.asarray(overlay.get_array())[..., 3]
+    np.testing.assert_array_equal(alpha > 0, item["masks"].any(axis=0))
+
+
+def test_draw_instances_without_masks_or_scores_shows_label_numbers():
+    ax = Figure().subplots()
+    image = np.zeros((3, 20, 20), np.float32)
+    draw_instances(ax, image, np.array([[2, 3, 10, 12]]), np.array([4]))
+    assert [t.get_text() for t in ax.texts] == ["4"]
+    assert len(ax.images) == 1
+
+
+def test_draw_instances_rejects_mismatched_inputs():
+    ax = Figure().subplots()
+    image = np.zeros((3, 20, 20), np.float32)
+    with pytest.raises(ValueError, match="2 boxes but 1 labels"):
+        draw_instances(ax, image, np.zeros((2, 4)), np.array([1]))
+    with pytest.raises(ValueError, match=r"masks must be \(D, H, W\)"):
+        draw_instances(ax, image, np.zeros((1, 4)), np.array([1]), np.zeros((1, 10, 10)))
+    with pytest.raises(ValueError, match=r"image must be \(3, H, W\)"):
+        draw_instances(ax, np.zeros((20, 20, 3)), np.zeros((1, 4)), np.array([1]))
+
+
+def test_predictions_figure_puts_ground_truth_beside_predictions(tmp_path):
+    ds = ShapesDataset(3, image_size=(64, 64), seed=5)
+    items = [ds[i] for i in range(3)]
+    path = save_predictions_figure(
+        [it["image"] for it in items],
+        [as_prediction(it) for it in items],
+        targets=items,
+        class_names=ds.class_names,
+        path=tmp_path / "pred.png",
+    )
+    assert path == str(tmp_path / "pred.png") and os.path.getsize(path) > 20_000
+    # 3 images, two per row, each as a (ground truth, prediction) pair of 3-inch panels
+    assert Image.open(path).size == (4 * 300, 2 * 300)
+
+
+def test_predictions_figure_without_targets_and_max_images(tmp_path):
+    ds = ShapesDataset(10, image_size=(48, 48), seed=6)
+    items = [ds[i] for i in range(10)]
+    images = np.stack([it["image"] for it in items])  # an (N, 3, H, W) batch works too
+    path = save_predictions_figure(
+        images, [as_prediction(it, 0.3) for it in items], path=tmp_path / "p.png", max_images=6
+    )
+    assert Image.open(path).size == (4 * 300, 2 * 300)  # 6 panels, four per row
+    with pytest.raises(ValueError, match="10 images but 9 predictions"):
+        save_predictions_figure(images, [as_prediction(it) for it in items[:9]], path="x.png")
+
+
+def write_log(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_training_curves_from_a_csv(tmp_path):
+    rows = [
+        {
+            "step": s,
+            "loss": 3.0 * 0.98**s,
+            "loss_classifier": 1.0 * 0.97**s,
+            "loss_mask": 0.7 * 0.99**s,
+            "lr": 0.02 * min(1.0, (s + 1) / 10),
+            "phase": "train",  # a text column is ignored
+        }
+        for s in range(60)
+    ]
+    write_log(tmp_path / "log.csv", rows)
+    path = plot_training_curves(tmp_path / "log.csv", tmp_path / "curves.png")
+    assert path == str(tmp_path / "curves.png") and os.path.getsize(path) > 10_000
+    columns = {k: np.array([r[k] for r in rows], float) for k in rows[0] if k != "phase"}
+    fig = _training_curves_figure(columns, "step")
+    ax, ax_lr = fig.axes
+    assert [line.get_label() for line in ax.lines] == ["loss", "loss_classifier", "loss_mask"]
+    assert ax.get_yscale() == "log"
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), columns["loss_classifier"])
+    np.testing.assert_allclose(ax_lr.lines[0].get_ydata(), columns["lr"])
+
+
+def test_training_curves_from_a_dict_skip_non_positive_values(tmp_path):
+    log = {"loss": [1.0, 0.5, 0.0, 0.25], "loss_box": [0.3, 0.2, 0.1, 0.05]}
+    path = plot_training_curves(log, tmp_path / "c.png")
+    assert os.path.getsize(path) > 5_000
+    fig = _training_curves_figure({k: np.array(v) for k, v in log.items()}, "step")
+    ydata = fig.axes[0].lines[0].get_ydata()
+    assert np.isnan(ydata[2]) and ydata[3] == 0.25  # a log axis cannot show 0
+    np.testing.assert_array_equal(fig.axes[0].lines[0].get_xdata(), [0, 1, 2, 3])
+
+
+def test_training_curves_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        plot_training_curves(tmp_path / "missing.csv", tmp_path / "c.png")
+    write_log(tmp_path / "log.csv", [{"step": 1, "lr": 0.1}])
+    with pytest.raises(ValueError, match="no loss columns"):
+        plot_training_curves(tmp_path / "log.csv", tmp_path / "c.png")
+    (tmp_path / "empty.csv").write_text("step,loss\n")
+    with pytest.raises(ValueError, match="no data rows"):
+        plot_training_curves(tmp_path / "empty.csv", tmp_path / "c.png")
