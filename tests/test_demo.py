@@ -1,0 +1,73 @@
+"""The main job end to end (a short run): training lowers the loss, evaluation and pictures
+are written, and the CLI's train/evaluate/predict work on the run folder."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from mrcnn_edu import cli
+from mrcnn_edu.demo import RunConfig, quick_run_config, run_demo
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = quick_run_config(str(out))
+    cfg.train = dataclasses.replace(cfg.train, progress=False, log_every=1000)
+    summary = run_demo(cfg)
+    return out, summary
+
+
+def test_quick_demo_loss_falls_and_writes_everything(quick_run):
+    out, summary = quick_run
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    header = rows[0].split(",")
+    total = np.array([float(r.split(",")[header.index("total")]) for r in rows[1:]])
+    assert len(total) == 60
+    assert total[-15:].mean() < 0.8 * total[:15].mean()
+    for name in ("predictions.png", "loss_curve.png", "config.json", "metrics.json", "last.npz"):
+        assert (out / name).stat().st_size > 0, name
+    m = summary["metrics"]
+    assert set(m) == {"bbox", "segm"}
+    assert all(0.0 <= m[t]["AP50"] <= 1.0 for t in m)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"]["segm"]["AP"] == m["segm"]["AP"]
+
+
+def test_cli_evaluate_and_predict_on_the_run(quick_run, tmp_path, capsys):
+    out, _ = quick_run
+    assert cli.main(["evaluate", "--run", str(out)]) == 0
+    assert "Average Precision" in capsys.readouterr().out
+    from PIL import Image
+
+    from mrcnn_edu.data.shapes import ShapesDataset
+
+    img = ShapesDataset(1, seed=9)[0]["image"]
+    png = tmp_path / "shape.png"
+    Image.fromarray((img.transpose(1, 2, 0) * 255).astype(np.uint8)).save(png)
+    fig = tmp_path / "pred.png"
+    assert cli.main(["predict", str(png), "--run", str(out), "--out", str(fig)]) == 0
+    assert fig.stat().st_size > 1000
+
+
+def test_cli_errors_are_named(tmp_path, capsys):
+    assert cli.main(["evaluate", "--run", str(tmp_path)]) == 2
+    assert "run config not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"learning_rate": 0.1}}))
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_run_config_round_trip(tmp_path):
+    cfg = RunConfig()
+    path = tmp_path / "config.json"
+    cfg.save(str(path))
+    again = RunConfig.load(str(path))
+    assert again.to_dict() == cfg.to_dict()
+    with pytest.raises(ValueError, match="unknown top-level"):
+        RunConfig.from_dict({"optimizer": {}})
+    with pytest.raises(ValueError, match="data"):
+        RunConfig.from_dict({"data": {"sorce": "shapes"}})
