@@ -14,10 +14,9 @@ Usage: python benchmarks/bench_conv.py [--repeats 3] [--small]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
+from _timing import median_time  # benchmarks/_timing.py
 
 from mrcnn_edu.nn import functional as F
 
@@ -31,16 +30,6 @@ SHAPES = [
     ("res5 3x3 512->512 @25x34", 1, 512, 25, 34, 512, 3, 1, 1),
     ("mask head 3x3 256->256 @14x14 x128 RoIs", 128, 256, 14, 14, 256, 3, 1, 1),
 ]
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, BLAS threads)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -19,11 +19,10 @@ Usage: python benchmarks/bench_kernels.py [--repeats 10] [--quick] [--numpy-all]
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import numpy as np
+from _timing import median_time  # benchmarks/_timing.py
 
 IMAGE_HW = (800, 1088)
 MAPS = [  # name, (N, C, H, W), spatial_scale
@@ -93,21 +92,6 @@ def random_boxes(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
     return random_rois(rng, n, 1)[:, 1:].copy(), rng.random(n, dtype=np.float32)
 
 
-# -- timing --------------------------------------------------------------------------------
-def median_time(fn, sync, repeats: int) -> float:
-    """Median wall time of ``fn()`` in seconds, synchronising before and after each call."""
-    fn()  # warm-up: compilation, memory pools
-    sync()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_roi_align(case, features, rois, size, scale, gpu, torch, args, run_numpy):
     rows = []
     rng = np.random.default_rng(1)
@@ -116,17 +100,15 @@ def bench_roi_align(case, features, rois, size, scale, gpu, torch, args, run_num
     if run_numpy:
         from mrcnn_edu import roi_ops
 
-        t_np_f = median_time(lambda: roi_ops.roi_align(features, rois, *fwd_args), _noop, 1)
-        t_np_b = median_time(
+        t_np_f = timed(lambda: roi_ops.roi_align(features, rois, *fwd_args), _noop, 1)
+        t_np_b = timed(
             lambda: roi_ops.roi_align_backward(grad, rois, features.shape, *fwd_args), _noop, 1
         )
         ref_f = ref_b = None
         if torch is not None:  # torchvision's CPU kernels, same threads as this machine
             tf, tr, tg = (torch.from_numpy(a) for a in (features, rois, grad))
-            ref_f = median_time(lambda: _tv_align(torch, tf, tr, fwd_args), _noop, 1)
-            ref_b = median_time(
-                lambda: _tv_align_backward(torch, tg, tr, tf.shape, fwd_args), _noop, 1
-            )
+            ref_f = timed(lambda: _tv_align(torch, tf, tr, fwd_args), _noop, 1)
+            ref_b = timed(lambda: _tv_align_backward(torch, tg, tr, tf.shape, fwd_args), _noop, 1)
         rows.append((case + " fwd", "NumPy (CPU)", t_np_f, ref_f, "torchvision CPU"))
         rows.append((case + " bwd", "NumPy (CPU)", t_np_b, ref_b, "torchvision CPU"))
     if gpu is None:
@@ -138,15 +120,15 @@ def bench_roi_align(case, features, rois, size, scale, gpu, torch, args, run_num
     if torch is not None:
         tf, tr, tg = (torch.as_tensor(a, device="cuda") for a in (features, rois, grad))
         sync_t = torch.cuda.synchronize
-        ref_f = median_time(lambda: _tv_align(torch, tf, tr, fwd_args), sync_t, args.repeats)
-        ref_b = median_time(
+        ref_f = timed(lambda: _tv_align(torch, tf, tr, fwd_args), sync_t, args.repeats)
+        ref_b = timed(
             lambda: _tv_align_backward(torch, tg, tr, tf.shape, fwd_args), sync_t, args.repeats
         )
     for label, module in gpu["roi_align"].items():
-        t_f = median_time(
+        t_f = timed(
             lambda m=module: m.roi_align(feats_d, rois_d, *fwd_args), gpu["sync"], args.repeats
         )
-        t_b = median_time(
+        t_b = timed(
             lambda m=module: m.roi_align_backward(grad_d, rois_d, features.shape, *fwd_args),
             gpu["sync"],
             args.repeats,
@@ -161,13 +143,13 @@ def bench_nms(case, boxes, scores, gpu, torch, args, run_numpy):
     if run_numpy:
         from mrcnn_edu.nms import nms
 
-        t_np = median_time(lambda: nms(boxes, scores, NMS_THRESHOLD), _noop, 3)
+        t_np = timed(lambda: nms(boxes, scores, NMS_THRESHOLD), _noop, 3)
         ref = None
         if torch is not None:
             from torchvision.ops import nms as tv_nms
 
             tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-            ref = median_time(lambda: tv_nms(tb, ts, NMS_THRESHOLD), _noop, 3)
+            ref = timed(lambda: tv_nms(tb, ts, NMS_THRESHOLD), _noop, 3)
         rows.append((case, "NumPy (CPU)", t_np, ref, "torchvision CPU"))
     if gpu is None:
         return rows
@@ -178,11 +160,9 @@ def bench_nms(case, boxes, scores, gpu, torch, args, run_numpy):
         from torchvision.ops import nms as tv_nms
 
         tb, ts = (torch.as_tensor(a, device="cuda") for a in (boxes, scores))
-        ref = median_time(
-            lambda: tv_nms(tb, ts, NMS_THRESHOLD), torch.cuda.synchronize, args.repeats
-        )
+        ref = timed(lambda: tv_nms(tb, ts, NMS_THRESHOLD), torch.cuda.synchronize, args.repeats)
     for label, module in gpu["nms"].items():
-        t = median_time(
+        t = timed(
             lambda m=module: m.nms(boxes_d, scores_d, NMS_THRESHOLD), gpu["sync"], args.repeats
         )
         rows.append((case, label, t, ref, "torchvision CUDA"))
@@ -203,6 +183,11 @@ def _tv_align_backward(torch, grad, rois, shape, fwd_args):
     return torch.ops.torchvision._roi_align_backward(
         grad, rois, scale, size, size, n, c, h, w, sampling_ratio, aligned
     )
+
+
+def timed(fn, sync, repeats: int) -> float:
+    """Median seconds of ``fn()``, synchronising the device around every call."""
+    return median_time(fn, repeats, sync)
 
 
 def _noop() -> None:

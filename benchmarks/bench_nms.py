@@ -15,11 +15,10 @@ Usage: python benchmarks/bench_nms.py [--repeats 5] [--threshold 0.7] [--sizes 1
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from functools import partial
 
 import numpy as np
+from _timing import median_time  # benchmarks/_timing.py
 
 from mrcnn_edu.nms import batched_nms, nms
 
@@ -40,16 +39,6 @@ def sparse_boxes(rng, n: int):
     wh = rng.uniform(5, 50, (n, 2))
     boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], axis=1).astype(np.float32)
     return boxes, rng.random(n).astype(np.float32)
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def report(name: str, ours, theirs, scores, repeats: int) -> None:

@@ -38,6 +38,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _timing import median_time  # noqa: E402  (benchmarks/_timing.py)
 
 from mrcnn_edu.roi_ops import (  # noqa: E402
     roi_align,
@@ -63,16 +64,6 @@ def make_inputs(seed: int = 0):
     y1, y2 = np.clip(cy - bh / 2, 0, h), np.clip(cy + bh / 2, 0, h)
     rois = np.stack([np.zeros(NUM_ROIS), x1, y1, x2, y2], axis=1).astype(np.float32)
     return features, rois
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocations, BLAS threads
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

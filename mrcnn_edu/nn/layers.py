@@ -19,8 +19,15 @@ def _rng(rng) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def _uniform(rng, bound: float, shape, dtype):
-    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+def _weight_and_bias(rng, fan_in: int, weight_shape, out_features: int, bias: bool, dtype):
+    """PyTorch's default initialisation: weight and bias uniform in +-1/sqrt(fan_in)
+    (Kaiming-uniform with a = sqrt(5)). Biases are excluded from weight decay."""
+    bound = 1.0 / math.sqrt(fan_in)
+    weight = Param(rng.uniform(-bound, bound, size=weight_shape).astype(dtype))
+    if not bias:
+        return weight, None
+    b = rng.uniform(-bound, bound, size=(out_features,)).astype(dtype)
+    return weight, Param(b, no_weight_decay=True)
 
 
 class Conv2d(Module):
@@ -46,12 +53,13 @@ class Conv2d(Module):
         kh, kw = F._pair(kernel_size, "kernel_size")
         self.stride, self.padding, self.dilation = stride, padding, dilation
         rng = _rng(rng)
-        bound = 1.0 / math.sqrt(in_channels * kh * kw)
-        self.weight = Param(_uniform(rng, bound, (out_channels, in_channels, kh, kw), dtype))
-        self.bias = (
-            Param(_uniform(rng, bound, (out_channels,), dtype), no_weight_decay=True)
-            if bias
-            else None
+        self.weight, self.bias = _weight_and_bias(
+            rng,
+            in_channels * kh * kw,
+            (out_channels, in_channels, kh, kw),
+            out_channels,
+            bias,
+            dtype,
         )
         self.cache = None
 
@@ -93,12 +101,13 @@ class ConvTranspose2d(Module):
         self.output_padding, self.dilation = output_padding, dilation
         rng = _rng(rng)
         # PyTorch computes fan_in from weight.size(1) * kh * kw for transposed convolutions.
-        bound = 1.0 / math.sqrt(out_channels * kh * kw)
-        self.weight = Param(_uniform(rng, bound, (in_channels, out_channels, kh, kw), dtype))
-        self.bias = (
-            Param(_uniform(rng, bound, (out_channels,), dtype), no_weight_decay=True)
-            if bias
-            else None
+        self.weight, self.bias = _weight_and_bias(
+            rng,
+            out_channels * kh * kw,
+            (in_channels, out_channels, kh, kw),
+            out_channels,
+            bias,
+            dtype,
         )
         self.cache = None
 
@@ -124,12 +133,8 @@ class Linear(Module):
         self, in_features: int, out_features: int, bias: bool = True, rng=None, dtype=np.float32
     ):
         rng = _rng(rng)
-        bound = 1.0 / math.sqrt(in_features)
-        self.weight = Param(_uniform(rng, bound, (out_features, in_features), dtype))
-        self.bias = (
-            Param(_uniform(rng, bound, (out_features,), dtype), no_weight_decay=True)
-            if bias
-            else None
+        self.weight, self.bias = _weight_and_bias(
+            rng, in_features, (out_features, in_features), out_features, bias, dtype
         )
         self.cache = None
 
