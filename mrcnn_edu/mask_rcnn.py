@@ -324,7 +324,13 @@ class MaskRCNN(Module):
 
     def mask_targets(self, pos_rois, pos_matched, targets):
         """(P, M, M) mask targets: each positive RoI's matched GT mask, RoIAligned onto the RoI
-        (spatial scale 1, as the paper: "the intersection between an RoI and its GT mask")."""
+        (spatial scale 1, as the paper: "the intersection between an RoI and its GT mask").
+
+        The crop uses ``aligned=True`` (Detectron2's choice; torchvision uses False): GT mask
+        pixel j covers [j, j+1), and ``paste_masks_in_image`` puts the predicted masks back with
+        that same pixel-centre model. With ``aligned=False`` targets, a perfectly learned mask
+        comes back shifted by about half a pixel, which caps segm AP on the demo's shapes at
+        0.90 (notebook 06 measures this ceiling)."""
         m = self.config.roi_heads.mask_size
         out = []
         for rois, matched, tgt in zip(pos_rois, pos_matched, targets):
@@ -333,7 +339,7 @@ class MaskRCNN(Module):
             xp = get_xp(rois)
             gt_masks = tgt["masks"][:, None].astype(rois.dtype)
             roi_rows = xp.concatenate([matched[:, None].astype(rois.dtype), rois], axis=1)
-            t = roi_align(gt_masks, roi_rows, (m, m), 1.0, -1, False)[:, 0]
+            t = roi_align(gt_masks, roi_rows, (m, m), 1.0, -1, True)[:, 0]
             # bilinear weights sum to 1 only up to rounding: 1.0000001 is not a valid BCE target
             out.append(xp.clip(t, 0.0, 1.0))
         if not out:

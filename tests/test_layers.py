@@ -281,3 +281,9 @@ def test_group_norm_without_affine_gradcheck():
         [x],
     )
     assert y.shape == x.shape
+
+
+def test_empty_batch_passes_through_conv_and_transposed_conv():
+    x = np.zeros((0, 4, 14, 14), np.float32)
+    assert L.Conv2d(4, 3, 3, padding=1, rng=0)(x).shape == (0, 3, 14, 14)
+    assert L.ConvTranspose2d(4, 3, 2, stride=2, rng=0)(x).shape == (0, 3, 28, 28)

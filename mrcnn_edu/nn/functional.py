@@ -99,8 +99,8 @@ def _unpad(x, ph: int, pw: int):
 def _to_channel_major(a):
     """(N, C, H, W) -> (C, N*H*W), the GEMM operand layout (free when N == 1)."""
     xp = get_xp(a)
-    n, c = a.shape[:2]
-    return xp.ascontiguousarray(a.reshape(n, c, -1).transpose(1, 0, 2)).reshape(c, -1)
+    n, c, h, w = a.shape
+    return xp.ascontiguousarray(a.reshape(n, c, h * w).transpose(1, 0, 2)).reshape(c, n * h * w)
 
 
 def _from_channel_major(a, n: int, h: int, w: int):
