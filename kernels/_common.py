@@ -97,3 +97,30 @@ def nms_reduce_threads(tiles: int) -> int:
     """Threads for the NMS sweep: one per word of the ``removed`` bitmap, in whole warps, at most
     ``NMS_REDUCE_THREADS``. Extra threads would only wait at every ``__syncthreads``."""
     return min(NMS_REDUCE_THREADS, 32 * blocks_for(tiles, 32))
+
+
+class CupyKernels:
+    """The kernels of one CUDA C source, compiled with NVRTC on first use (per device), so
+    importing a kernel file needs no GPU. ``templated`` kernels are instantiated for float and
+    double: ``get("roi_align_forward", np.float32)`` is ``roi_align_forward<float>``; a plain
+    kernel is ``get("nms_reduce")``. CuPy also caches NVRTC output on disk across processes."""
+
+    CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+    def __init__(self, source: str, templated: tuple[str, ...], options: tuple[str, ...]):
+        self.source, self.templated, self.options = source, templated, options
+        self._modules: dict = {}  # device id -> RawModule (a loaded module belongs to a context)
+
+    def get(self, name: str, dtype=None):
+        from mrcnn_edu.backend import require_cupy
+
+        cp = require_cupy()
+        if name in self.templated:
+            name = f"{name}<{self.CTYPES[np.dtype(dtype)]}>"
+        device = cp.cuda.Device().id
+        if device not in self._modules:
+            names = [f"{k}<{c}>" for k in self.templated for c in self.CTYPES.values()]
+            self._modules[device] = cp.RawModule(
+                code=self.source, options=self.options, name_expressions=names
+            )
+        return self._modules[device].get_function(name)

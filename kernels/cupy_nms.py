@@ -19,11 +19,9 @@ operations (see ``_SOURCE``: no fused multiply-add, the comparison in double pre
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-from ._common import NMS_TILE, blocks_for, check_nms_args, nms_reduce_threads
+from ._common import NMS_TILE, CupyKernels, blocks_for, check_nms_args, nms_reduce_threads
 
 
 def nms(boxes, scores, iou_threshold: float):
@@ -201,30 +199,12 @@ extern "C" __global__ void nms_reduce(const unsigned long long* mask, int n, int
 """
 
 _TEMPLATED = ("nms_iou_mask", "nms_iou_mask_by_category")
-_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_CTYPES = CupyKernels.CTYPES
 _OPTIONS = ("--std=c++17", "--fmad=false")
 
 
-def _function(name: str):
-    """The compiled kernel ``name`` (e.g. ``"nms_reduce"`` or ``"foo<float>"``) for the current
-    device. Compiled on first use, so importing this file needs no GPU."""
-    return _compiled_function(_cupy().cuda.Device().id, name)
-
-
-@functools.cache
-def _compiled_function(device_id: int, name: str):
-    # one RawModule per device (a loaded module belongs to one CUDA context); NVRTC output is
-    # also cached on disk by CuPy, so a new process does not recompile
-    return _compiled_module(device_id).get_function(name)
-
-
-@functools.cache
-def _compiled_module(device_id: int):
-    names = [f"{k}<{c}>" for k in _TEMPLATED for c in _CTYPES.values()]
-    return _cupy().RawModule(code=_SOURCE, options=_OPTIONS, name_expressions=names)
+_KERNELS = CupyKernels(_SOURCE, _TEMPLATED, _OPTIONS)
 
 
 def _kernel(name: str, dtype):
-    if name in _TEMPLATED:
-        name = f"{name}<{_CTYPES[np.dtype(dtype)]}>"
-    return _function(name)
+    return _KERNELS.get(name, dtype)

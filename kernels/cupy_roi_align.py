@@ -22,11 +22,10 @@ call, so importing this module needs neither a GPU nor cupy.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from ._common import (
+    CupyKernels,
     blocks_for,
     check_float,
     check_input_shape,
@@ -194,7 +193,7 @@ def _prepare_grad(cp, grad_output, rois, chw):
 
 
 def _launch(name: str, dtype, total: int, args: tuple) -> None:
-    kernel = _function(f"{name}<{_CTYPES[np.dtype(dtype)]}>")
+    kernel = _KERNELS.get(name, dtype)
     kernel((blocks_for(total, THREADS),), (THREADS,), args)
 
 
@@ -405,24 +404,8 @@ __global__ void roi_pool_backward(const T* __restrict__ grad_output,
 """
 
 _TEMPLATED = ("roi_align_forward", "roi_align_backward", "roi_pool_forward", "roi_pool_backward")
-_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_CTYPES = CupyKernels.CTYPES
 _OPTIONS = ("--std=c++17",)
 
 
-def _function(name: str):
-    """The compiled kernel ``name`` (e.g. ``"nms_reduce"`` or ``"foo<float>"``) for the current
-    device. Compiled on first use, so importing this file needs no GPU."""
-    return _compiled_function(_cupy().cuda.Device().id, name)
-
-
-@functools.cache
-def _compiled_function(device_id: int, name: str):
-    # one RawModule per device (a loaded module belongs to one CUDA context); NVRTC output is
-    # also cached on disk by CuPy, so a new process does not recompile
-    return _compiled_module(device_id).get_function(name)
-
-
-@functools.cache
-def _compiled_module(device_id: int):
-    names = [f"{k}<{c}>" for k in _TEMPLATED for c in _CTYPES.values()]
-    return _cupy().RawModule(code=_SOURCE, options=_OPTIONS, name_expressions=names)
+_KERNELS = CupyKernels(_SOURCE, _TEMPLATED, _OPTIONS)
