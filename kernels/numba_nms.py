@@ -18,8 +18,15 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import cuda
-from numba.core import config
+
+try:
+    from numba import cuda
+    from numba.core import config
+except ImportError as err:  # a clear message instead of a bare ModuleNotFoundError
+    raise ImportError(
+        f"{__name__} needs numba (pip install 'mrcnn-edu[gpu]' for a GPU, or 'mrcnn-edu[test]' "
+        "for the CUDA simulator)"
+    ) from err
 
 from ._common import NMS_TILE, blocks_for, check_nms_args, nms_reduce_threads
 

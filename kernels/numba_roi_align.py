@@ -19,7 +19,14 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda
+
+try:
+    from numba import cuda
+except ImportError as err:  # a clear message instead of a bare ModuleNotFoundError
+    raise ImportError(
+        f"{__name__} needs numba (pip install 'mrcnn-edu[gpu]' for a GPU, or 'mrcnn-edu[test]' "
+        "for the CUDA simulator)"
+    ) from err
 
 from ._common import (
     blocks_for,
