@@ -46,13 +46,16 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = sub.add_parser("evaluate", help="COCO bbox/segm AP of a trained run")
     ev.add_argument("--run", required=True, help="the run folder (config.json + last.npz)")
+    ev.add_argument("--config", default=None, help="run config JSON (default RUN/config.json)")
+    ev.add_argument("--out", default=None, help="folder for the figure (default: the run)")
     ev.add_argument("--weights", default=None, help="checkpoint to load (default RUN/last.npz)")
     ev.add_argument("--data", default=None, help="COCO json to evaluate on (default: held-out)")
     ev.add_argument("--images", default=None, help="image folder of --data")
 
     pr = sub.add_parser("predict", help="draw a trained run's predictions on image files")
     pr.add_argument("images", nargs="+", help="PNG/JPEG files")
-    pr.add_argument("--run", required=True)
+    pr.add_argument("--run", required=True, help="the run folder (config.json + last.npz)")
+    pr.add_argument("--config", default=None, help="run config JSON (default RUN/config.json)")
     pr.add_argument("--weights", default=None)
     pr.add_argument("--out", default="predictions.png", help="the figure to write")
     pr.add_argument("--score-threshold", type=float, default=0.5)
@@ -120,12 +123,12 @@ def _train(args, parser) -> int:
     return 0
 
 
-def _load_run(run_dir: str, weights_path: str | None):
+def _load_run(run_dir: str, weights_path: str | None, config_path: str | None = None):
     from .demo import RUN_CONFIG_NAME, RunConfig
     from .mask_rcnn import MaskRCNN
     from .train import load_checkpoint_weights
 
-    cfg = RunConfig.load(os.path.join(run_dir, RUN_CONFIG_NAME))
+    cfg = RunConfig.load(config_path or os.path.join(run_dir, RUN_CONFIG_NAME))
     model = MaskRCNN(cfg.model, rng=0)
     path = weights_path or os.path.join(run_dir, "last.npz")
     if not os.path.exists(path):
@@ -137,7 +140,7 @@ def _load_run(run_dir: str, weights_path: str | None):
 def _evaluate(args, parser) -> int:
     from .demo import build_datasets, evaluate_model
 
-    cfg, model = _load_run(args.run, args.weights)
+    cfg, model = _load_run(args.run, args.weights, args.config)
     if args.data:
         if not args.images:
             parser.error("--data needs --images (the image folder)")
@@ -149,7 +152,9 @@ def _evaluate(args, parser) -> int:
         _, dataset, names = build_datasets(cfg.data)
         if dataset is None:
             parser.error("the run has no held-out set; pass --data and --images")
-    evaluate_model(model, dataset, names, args.run, figure_name="eval_predictions.png")
+    out = args.out or args.run
+    os.makedirs(out, exist_ok=True)
+    evaluate_model(model, dataset, names, out, figure_name="eval_predictions.png")
     return 0
 
 
@@ -163,7 +168,7 @@ def _predict(args, parser) -> int:
         from PIL import Image
     except ImportError as err:
         raise ValueError("reading images needs Pillow: pip install 'mrcnn-edu[demo]'") from err
-    cfg, model = _load_run(args.run, args.weights)
+    cfg, model = _load_run(args.run, args.weights, args.config)
     images = []
     for path in args.images:
         if not os.path.exists(path):

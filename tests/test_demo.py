@@ -38,8 +38,11 @@ def test_quick_demo_loss_falls_and_writes_everything(quick_run):
 
 def test_cli_evaluate_and_predict_on_the_run(quick_run, tmp_path, capsys):
     out, _ = quick_run
-    assert cli.main(["evaluate", "--run", str(out)]) == 0
+    eval_out = tmp_path / "eval"
+    args = ["evaluate", "--run", str(out), "--config", str(out / "config.json")]
+    assert cli.main(args + ["--out", str(eval_out)]) == 0
     assert "Average Precision" in capsys.readouterr().out
+    assert (eval_out / "eval_predictions.png").stat().st_size > 1000
     from PIL import Image
 
     from mrcnn_edu.data.shapes import ShapesDataset
