@@ -47,3 +47,29 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         finally:
             plt.close("all")
     assert os.getcwd() == str(tmp_path)
+
+
+def _percent_code_cells(py_path: Path) -> list[str]:
+    """Code cells of a jupytext percent-format script: the blocks after ``# %%`` markers that
+    are not ``# %% [markdown]``."""
+    cells, current, is_code = [], None, False
+    for line in py_path.read_text().splitlines():
+        if line.startswith("# %%"):
+            if current is not None and is_code:
+                cells.append("\n".join(current).strip())
+            current, is_code = [], "[markdown]" not in line
+        elif current is not None:
+            current.append(line)
+    if current is not None and is_code:
+        cells.append("\n".join(current).strip())
+    return cells
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_matches_its_jupytext_pair(path):
+    """Edit the .py, then regenerate the .ipynb (jupytext --to ipynb): the two must agree."""
+    pair = path.with_suffix(".py")
+    assert pair.exists(), f"{path.name} has no paired {pair.name}"
+    nb = nbformat.read(path, as_version=4)
+    code = [c.source.strip() for c in nb.cells if c.cell_type == "code"]
+    assert code == _percent_code_cells(pair), f"{path.name} is out of date with {pair.name}"
