@@ -40,29 +40,44 @@ def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
 # The columns matrix is laid out channel-major, (C, kh, kw, N, Ho, Wo), so that a whole batch is
 # ONE large GEMM with the weights, W (O, C*kh*kw) @ cols (C*kh*kw, N*Ho*Wo): many small images
 # (the mask head runs on 128+ RoIs of 14x14) would otherwise be many small, slow GEMMs.
-def im2col(x, kh: int, kw: int, stride=(1, 1), dilation=(1, 1), out_hw=None):
-    """Gather receptive fields of an already padded ``x: (N, C, Hp, Wp)``.
+def im2col(x_cm, kh: int, kw: int, stride=(1, 1), dilation=(1, 1), out_hw=None):
+    """Gather receptive fields of an already padded, channel-major ``x_cm: (C, N, Hp, Wp)``
+    (see :func:`pad_channel_major`).
 
     Returns ``cols: (C, kh, kw, N, Ho, Wo)``, contiguous, so ``cols.reshape(C*kh*kw, N*Ho*Wo)``
     is free. One strided slice copy per kernel offset (kh*kw copies, each vectorised).
     """
-    xp = get_xp(x)
-    n, c, hp, wp = x.shape
+    xp = get_xp(x_cm)
+    c, n, hp, wp = x_cm.shape
     sh, sw = stride
     dh, dw = dilation
     if out_hw is None:
         out_hw = (conv_output_size(hp, kh, sh, 0, dh), conv_output_size(wp, kw, sw, 0, dw))
     ho, wo = out_hw
-    cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
-    x_cn = x.transpose(1, 0, 2, 3)  # a view: (C, N, Hp, Wp)
+    cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x_cm.dtype)
     for i in range(kh):
         y0 = i * dh
         for j in range(kw):
             x0 = j * dw
-            cols[:, i, j] = x_cn[
+            cols[:, i, j] = x_cm[
                 :, :, y0 : y0 + sh * (ho - 1) + 1 : sh, x0 : x0 + sw * (wo - 1) + 1 : sw
             ]
     return cols
+
+
+def pad_channel_major(x, ph: int, pw: int, out_hw=None):
+    """Zero-pad ``x: (N, C, H, W)`` by (ph, pw) and lay it out as ``(C, N, Hp, Wp)`` in one copy.
+
+    im2col reads kh*kw shifted windows of this buffer; reading them from a contiguous
+    channel-major array instead of a transposed NCHW view makes each slice copy cheaper.
+    ``out_hw`` gives a larger frame than H + 2ph (extra rows/columns at the end stay zero).
+    """
+    xp = get_xp(x)
+    n, c, h, w = x.shape
+    hp, wp = out_hw if out_hw is not None else (h + 2 * ph, w + 2 * pw)
+    out = xp.zeros((c, n, hp, wp), dtype=x.dtype)
+    out[:, :, ph : ph + h, pw : pw + w] = x.transpose(1, 0, 2, 3)
+    return out
 
 
 def col2im(cols, padded_shape, stride=(1, 1), dilation=(1, 1)):
@@ -133,7 +148,8 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
     if (kh, kw) == (1, 1) and s == (1, 1) and p == (0, 0):
         cols = _to_channel_major(x)  # a 1x1 convolution's columns are the pixels themselves
     else:
-        cols = im2col(_pad(x, *p), kh, kw, s, d, (ho, wo)).reshape(c * kh * kw, n * ho * wo)
+        x_cm = pad_channel_major(x, *p)
+        cols = im2col(x_cm, kh, kw, s, d, (ho, wo)).reshape(c * kh * kw, n * ho * wo)
     y = w.reshape(o, c * kh * kw) @ cols  # (O, N*Ho*Wo): one GEMM for the whole batch
     if b is not None:
         y += b.reshape(o, 1)
@@ -213,13 +229,11 @@ def conv_transpose2d_backward(dy, cache):
 
     The adjoint of col2im is im2col, so dx is an ordinary convolution of dy with w."""
     x_shape, x2, w, has_bias, s, p, op, d, (full_h, full_w) = cache
-    xp = get_xp(dy)
     n, cin, h, wd = x_shape
     _, cout, kh, kw = w.shape
     db = dy.sum(axis=(0, 2, 3)) if has_bias else None
     # Undo the crop: place dy back into the full output frame (zeros where the crop cut).
-    dfull = xp.zeros((n, cout, full_h + op[0], full_w + op[1]), dtype=dy.dtype)
-    dfull[:, :, p[0] : p[0] + dy.shape[2], p[1] : p[1] + dy.shape[3]] = dy
+    dfull = pad_channel_major(dy, p[0], p[1], (full_h + op[0], full_w + op[1]))
     dcols = im2col(dfull, kh, kw, s, d, (h, wd)).reshape(cout * kh * kw, n * h * wd)
     dx = _from_channel_major(w.reshape(cin, cout * kh * kw) @ dcols, n, h, wd)
     dw = (dcols @ x2.T).T.reshape(w.shape)  # = x2 dcols^T (see conv2d_backward)
