@@ -240,15 +240,23 @@ def _training_curves_figure(columns: dict[str, np.ndarray], x_key: str):
         )
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
+    window = max(len(x) // 50, 1) if len(x) >= SMOOTH_FROM else 1
     for name, values in losses.items():
         values = np.where(values > 0, values, np.nan)  # a log axis cannot show <= 0
-        # "loss" (the total) drawn thicker, so the sum stands out from its parts.
-        ax.plot(x, values, lw=2.0 if name == "loss" else 1.2, label=name)
+        # The total ("loss" or "total") is drawn thicker, so the sum stands out from its parts.
+        lw = 2.0 if name in ("loss", "total") else 1.2
+        if window == 1:
+            ax.plot(x, values, lw=lw, label=name)
+            continue
+        # Long runs: per-step losses are noisy (each step is a few images), so draw them faint
+        # and label their running mean over ``window`` steps.
+        (raw,) = ax.plot(x, values, lw=0.5, alpha=0.2, label="_nolegend_")
+        ax.plot(x, running_mean(values, window), lw=lw, color=raw.get_color(), label=name)
     ax.set_yscale("log")
     ax.set_xlabel(x_key if x_key in columns else "row")
     ax.set_ylabel("loss")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="lower left", ncol=2, framealpha=0.8)
     lr_key = next((k for k in columns if k.lower() == "lr"), None)
     if lr_key is not None:
         ax_lr = ax.twinx()
@@ -256,6 +264,22 @@ def _training_curves_figure(columns: dict[str, np.ndarray], x_key: str):
         ax_lr.set_ylabel("learning rate (dashed)", color="grey")
     fig.tight_layout()
     return fig
+
+
+SMOOTH_FROM = 100  # logs with at least this many rows get running-mean curves
+
+
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last ``window`` values at each position (fewer at the start), NaNs skipped."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    csum = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    ccount = np.concatenate([[0], np.cumsum(ok)])
+    hi = np.arange(1, len(v) + 1)
+    lo = np.maximum(hi - window, 0)
+    count = ccount[hi] - ccount[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (csum[hi] - csum[lo]) / count, np.nan)
 
 
 def _read_log(log) -> dict[str, np.ndarray]:

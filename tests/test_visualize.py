@@ -147,3 +147,24 @@ def test_training_curves_errors(tmp_path):
     (tmp_path / "empty.csv").write_text("step,loss\n")
     with pytest.raises(ValueError, match="no data rows"):
         plot_training_curves(tmp_path / "empty.csv", tmp_path / "c.png")
+
+
+def test_long_logs_are_drawn_as_running_means(tmp_path):
+    from mrcnn_edu.visualize import running_mean
+
+    np.testing.assert_allclose(
+        running_mean(np.array([1.0, 3.0, 5.0, np.nan, 9.0]), 2), [1.0, 2.0, 4.0, 5.0, 9.0]
+    )
+    rng = np.random.default_rng(0)
+    n = 500
+    cols = {
+        "step": np.arange(1, n + 1, dtype=float),
+        "loss_mask": rng.uniform(0.1, 1.0, n),
+        "total": rng.uniform(1.0, 2.0, n),
+    }
+    fig = _training_curves_figure(cols, "step")
+    ax = fig.axes[0]
+    labelled = [ln for ln in ax.lines if not ln.get_label().startswith("_")]
+    assert [ln.get_label() for ln in labelled] == ["loss_mask", "total"]
+    np.testing.assert_allclose(labelled[0].get_ydata(), running_mean(cols["loss_mask"], n // 50))
+    assert len(ax.lines) == 4  # each loss also drawn raw, faint, unlabelled
