@@ -99,6 +99,29 @@ def nms_reduce_threads(tiles: int) -> int:
     return min(NMS_REDUCE_THREADS, 32 * blocks_for(tiles, 32))
 
 
+def prepare_rois(xp, input, rois):
+    """Checked, C-contiguous input and rois of the input's dtype: the kernels index raw memory."""
+    check_roi_args(input, rois)
+    return xp.ascontiguousarray(input), xp.ascontiguousarray(rois, dtype=input.dtype)
+
+
+def prepare_grad(xp, grad_output, rois, chw):
+    """Checked, C-contiguous grad_output (K, C, PH, PW) and rois (K, 5) of its dtype."""
+    if grad_output.ndim != 4 or tuple(grad_output.shape[1:]) != chw:
+        raise ValueError(
+            f"grad_output must be (K, {chw[0]}, {chw[1]}, {chw[2]}) to match input_shape and "
+            f"output_size, got {tuple(grad_output.shape)}"
+        )
+    if rois.ndim != 2 or rois.shape != (grad_output.shape[0], 5):
+        raise ValueError(
+            f"rois must be ({grad_output.shape[0]}, 5), one per grad_output row, "
+            f"got {tuple(rois.shape)}"
+        )
+    if grad_output.dtype not in (np.float32, np.float64):
+        raise ValueError(f"grad_output must be float32 or float64, got {grad_output.dtype}")
+    return xp.ascontiguousarray(grad_output), xp.ascontiguousarray(rois, dtype=grad_output.dtype)
+
+
 class CupyKernels:
     """The kernels of one CUDA C source, compiled with NVRTC on first use (per device), so
     importing a kernel file needs no GPU. ``templated`` kernels are instantiated for float and

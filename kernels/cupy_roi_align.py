@@ -30,8 +30,9 @@ from ._common import (
     check_float,
     check_input_shape,
     check_int32_sizes,
-    check_roi_args,
     pair,
+    prepare_grad,
+    prepare_rois,
 )
 
 THREADS = 256  # per block; the kernels use few registers, so occupancy is not the limit
@@ -47,7 +48,7 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     Returns (K, C, PH, PW) in input's dtype.
     """
     cp = _cupy()
-    input, rois = _prepare(cp, input, rois)
+    input, rois = prepare_rois(cp, input, rois)
     ph, pw = pair(output_size)
     n, c, h, w = input.shape
     check_int32_sizes(rois.shape[0] * c * ph * pw)
@@ -77,7 +78,7 @@ def roi_align_backward(
     cp = _cupy()
     n, c, h, w = check_input_shape(input_shape)
     ph, pw = pair(output_size)
-    grad_output, rois = _prepare_grad(cp, grad_output, rois, (c, ph, pw))
+    grad_output, rois = prepare_grad(cp, grad_output, rois, (c, ph, pw))
     check_int32_sizes(n * c * h * w, grad_output.size)
     grad_input = cp.zeros((n, c, h, w), dtype=grad_output.dtype)
     if grad_output.size == 0 or grad_input.size == 0:
@@ -102,7 +103,7 @@ def roi_pool(input, rois, output_size, spatial_scale=1.0):
     index ``h * W + w`` of each maximum inside its feature plane; an empty bin gives 0 and -1.
     """
     cp = _cupy()
-    input, rois = _prepare(cp, input, rois)
+    input, rois = prepare_rois(cp, input, rois)
     ph, pw = pair(output_size)
     n, c, h, w = input.shape
     check_int32_sizes(rois.shape[0] * c * ph * pw)
@@ -168,28 +169,6 @@ def _cupy():
     from mrcnn_edu.backend import require_cupy
 
     return require_cupy()
-
-
-def _prepare(cp, input, rois):
-    """C-contiguous input and rois of the same dtype: the kernels index raw pointers."""
-    check_roi_args(input, rois)
-    return cp.ascontiguousarray(input), cp.ascontiguousarray(rois, dtype=input.dtype)
-
-
-def _prepare_grad(cp, grad_output, rois, chw):
-    if grad_output.ndim != 4 or tuple(grad_output.shape[1:]) != chw:
-        raise ValueError(
-            f"grad_output must be (K, {chw[0]}, {chw[1]}, {chw[2]}) to match input_shape and "
-            f"output_size, got {tuple(grad_output.shape)}"
-        )
-    if rois.ndim != 2 or rois.shape != (grad_output.shape[0], 5):
-        raise ValueError(
-            f"rois must be ({grad_output.shape[0]}, 5), one per grad_output row, "
-            f"got {tuple(rois.shape)}"
-        )
-    if grad_output.dtype not in (np.float32, np.float64):
-        raise ValueError(f"grad_output must be float32 or float64, got {grad_output.dtype}")
-    return cp.ascontiguousarray(grad_output), cp.ascontiguousarray(rois, dtype=grad_output.dtype)
 
 
 def _launch(name: str, dtype, total: int, args: tuple) -> None:

@@ -33,8 +33,9 @@ from ._common import (
     check_float,
     check_input_shape,
     check_int32_sizes,
-    check_roi_args,
     pair,
+    prepare_grad,
+    prepare_rois,
 )
 
 THREADS = 256
@@ -48,7 +49,7 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     Returns (K, C, PH, PW) in input's dtype (same array library).
     """
     xp = _xp(input)
-    input, rois = _prepare(xp, input, rois)
+    input, rois = prepare_rois(xp, input, rois)
     ph, pw = pair(output_size)
     c, h, w = input.shape[1:]
     check_int32_sizes(rois.shape[0] * c * ph * pw)
@@ -73,7 +74,7 @@ def roi_align_backward(
     xp = _xp(grad_output)
     n, c, h, w = check_input_shape(input_shape)
     ph, pw = pair(output_size)
-    grad_output, rois = _prepare_grad(xp, grad_output, rois, (c, ph, pw))
+    grad_output, rois = prepare_grad(xp, grad_output, rois, (c, ph, pw))
     check_int32_sizes(n * c * h * w, grad_output.size)
     grad_input = xp.zeros((n, c, h, w), dtype=grad_output.dtype)
     if grad_output.size == 0 or grad_input.size == 0:
@@ -93,7 +94,7 @@ def roi_pool(input, rois, output_size, spatial_scale=1.0):
     bin (whose output is 0).
     """
     xp = _xp(input)
-    input, rois = _prepare(xp, input, rois)
+    input, rois = prepare_rois(xp, input, rois)
     ph, pw = pair(output_size)
     c = input.shape[1]
     check_int32_sizes(rois.shape[0] * c * ph * pw)
@@ -152,27 +153,6 @@ def _xp(a):
     from mrcnn_edu.backend import get_xp
 
     return get_xp(a)
-
-
-def _prepare(xp, input, rois):
-    check_roi_args(input, rois)
-    return xp.ascontiguousarray(input), xp.ascontiguousarray(rois, dtype=input.dtype)
-
-
-def _prepare_grad(xp, grad_output, rois, chw):
-    if grad_output.ndim != 4 or tuple(grad_output.shape[1:]) != chw:
-        raise ValueError(
-            f"grad_output must be (K, {chw[0]}, {chw[1]}, {chw[2]}) to match input_shape and "
-            f"output_size, got {tuple(grad_output.shape)}"
-        )
-    if rois.ndim != 2 or rois.shape != (grad_output.shape[0], 5):
-        raise ValueError(
-            f"rois must be ({grad_output.shape[0]}, 5), one per grad_output row, "
-            f"got {tuple(rois.shape)}"
-        )
-    if grad_output.dtype not in (np.float32, np.float64):
-        raise ValueError(f"grad_output must be float32 or float64, got {grad_output.dtype}")
-    return xp.ascontiguousarray(grad_output), xp.ascontiguousarray(rois, dtype=grad_output.dtype)
 
 
 class _Kernels:
