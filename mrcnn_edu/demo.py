@@ -210,18 +210,18 @@ def evaluate_model(
     from .evaluate import evaluate_coco, predictions_to_coco_results
     from .visualize import save_predictions_figure
 
-    predictions, images = [], []
+    predictions, images, image_ids = [], [], []
     bar = _bar(len(dataset), "predict")
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         predictions += model.predict([it["image"] for it in items])
+        image_ids += [int(it["image_id"]) for it in items]
         if start < 8:
             images += items
         if bar is not None:
             bar.update(len(items))
     if bar is not None:
         bar.close()
-    image_ids = [int(dataset[i]["image_id"]) for i in range(len(dataset))]
     results = predictions_to_coco_results(predictions, image_ids, dataset.label_to_category_id)
     gt = dataset.coco if hasattr(dataset, "coco") else dataset
     metrics = evaluate_coco(gt, results, print_table=True, image_ids=image_ids)
