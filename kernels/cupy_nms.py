@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mrcnn_edu.backend import require_cupy
+
 from ._common import NMS_TILE, CupyKernels, blocks_for, check_nms_args, nms_reduce_threads
 
 
@@ -46,7 +48,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float):
     pair of boxes of different categories simply never sets its bit. Same effect, one integer
     compare per pair, and every IoU is computed on the original coordinates.
     """
-    cp = _cupy()
+    cp = require_cupy()
     if idxs.shape != scores.shape:
         raise ValueError(f"idxs must have shape {tuple(scores.shape)}, got {tuple(idxs.shape)}")
     return _nms(boxes, scores, cp.ascontiguousarray(idxs, dtype=cp.int64), iou_threshold)
@@ -54,7 +56,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float):
 
 # -- implementation ------------------------------------------------------------------------
 def _nms(boxes, scores, categories, iou_threshold: float):
-    cp = _cupy()
+    cp = require_cupy()
     check_nms_args(boxes, scores)
     n = boxes.shape[0]
     if n == 0:
@@ -97,12 +99,6 @@ def _nms(boxes, scores, categories, iou_threshold: float):
         shared_mem=tiles * 8,
     )
     return order[cp.flatnonzero(keep)].astype(cp.int64)
-
-
-def _cupy():
-    from mrcnn_edu.backend import require_cupy
-
-    return require_cupy()
 
 
 _SOURCE = r"""

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mrcnn_edu.backend import require_cupy
+
 from ._common import (
     CupyKernels,
     blocks_for,
@@ -47,7 +49,7 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     aligned: shift by -0.5 pixel (the pixel-centre model of Detectron2).
     Returns (K, C, PH, PW) in input's dtype.
     """
-    cp = _cupy()
+    cp = require_cupy()
     input, rois = prepare_rois(cp, input, rois)
     ph, pw = pair(output_size)
     n, c, h, w = input.shape
@@ -75,7 +77,7 @@ def roi_align_backward(
     grad_output: (K, C, PH, PW) CuPy array; rois: (K, 5); input_shape: (N, C, H, W).
     Returns grad_input: (N, C, H, W) in grad_output's dtype, accumulated with atomicAdd.
     """
-    cp = _cupy()
+    cp = require_cupy()
     n, c, h, w = check_input_shape(input_shape)
     ph, pw = pair(output_size)
     grad_output, rois = prepare_grad(cp, grad_output, rois, (c, ph, pw))
@@ -102,7 +104,7 @@ def roi_pool(input, rois, output_size, spatial_scale=1.0):
     Returns (output (K, C, PH, PW) in input's dtype, argmax (K, C, PH, PW) int64): the flat
     index ``h * W + w`` of each maximum inside its feature plane; an empty bin gives 0 and -1.
     """
-    cp = _cupy()
+    cp = require_cupy()
     input, rois = prepare_rois(cp, input, rois)
     ph, pw = pair(output_size)
     n, c, h, w = input.shape
@@ -130,7 +132,7 @@ def roi_pool_backward(grad_output, argmax, input_shape, rois=None):
     rois, for their batch index (may be None when N == 1).
     Returns grad_input (N, C, H, W) in grad_output's dtype, accumulated with atomicAdd.
     """
-    cp = _cupy()
+    cp = require_cupy()
     n, c, h, w = check_input_shape(input_shape)
     if grad_output.ndim != 4 or grad_output.shape[1] != c:
         raise ValueError(
@@ -165,12 +167,6 @@ def roi_pool_backward(grad_output, argmax, input_shape, rois=None):
 
 
 # -- implementation ------------------------------------------------------------------------
-def _cupy():
-    from mrcnn_edu.backend import require_cupy
-
-    return require_cupy()
-
-
 def _launch(name: str, dtype, total: int, args: tuple) -> None:
     kernel = _KERNELS.get(name, dtype)
     kernel((blocks_for(total, THREADS),), (THREADS,), args)
