@@ -1,0 +1,65 @@
+"""Small helpers every layer, op and stage needs: one home for each, so none is copied.
+
+- ``as_generator(rng)``: a seed (or None) or a ``numpy.random.Generator`` -> a Generator.
+- ``pair(v, name)``: ``7 -> (7, 7)``, ``(7, 5) -> (7, 5)``, with an error naming the argument.
+- ``check_float_array(a, name)``: refuse anything but a float32/float64 NumPy (or CuPy) array.
+- ``add_param_grads(layer, dw, db)``: accumulate a layer's weight and bias gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import is_cupy_array
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_generator(rng) -> np.random.Generator:
+    """``rng`` itself when it is a ``numpy.random.Generator``, else ``default_rng(rng)`` (a seed
+    or None): layers and stages share one generator when they are handed one."""
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def pair(value, name: str = "value", minimum: int | None = None) -> tuple[int, int]:
+    """``7 -> (7, 7)``, ``(7, 5) -> (7, 5)`` (ints, NumPy ints, a tuple or list of two).
+
+    Anything else (a float, a bool, three values) raises a ValueError naming ``name``; with
+    ``minimum`` given, so does a value below it (``minimum=1`` for sizes, 0 for paddings)."""
+
+    def is_int(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    if is_int(value):
+        out = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(map(is_int, value)):
+        out = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if minimum is not None and min(out) < minimum:
+        bound = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return out
+
+
+def check_array(a, name: str) -> None:
+    """A NumPy or CuPy array, nothing else (lists are not silently converted)."""
+    if not (isinstance(a, np.ndarray) or is_cupy_array(a)):
+        raise ValueError(f"{name} must be a NumPy (or CuPy) array, got {type(a).__name__}")
+
+
+def check_float_array(a, name: str) -> None:
+    """A float32 or float64 array (float64 is for gradchecks); no silent casts."""
+    check_array(a, name)
+    if np.dtype(a.dtype) not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32 or float64, got {a.dtype}; cast it with astype")
+
+
+def add_param_grads(layer, dw, db) -> None:
+    """``layer.weight.grad += dw`` and, when the layer has a bias, ``layer.bias.grad += db``.
+
+    Gradients accumulate: a layer applied several times in one forward (the RPN head over FPN
+    levels) receives the sum of its uses."""
+    layer.weight.grad += dw
+    if getattr(layer, "bias", None) is not None:
+        layer.bias.grad += db
