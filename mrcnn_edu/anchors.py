@@ -5,7 +5,7 @@ pair, centred on that position's top-left pixel in the image (``x = col * stride
 (Lin et al. 2017) each pyramid level gets one size -- 32 on P2 (stride 4) up to 512 on P6
 (stride 64) -- and the three ratios 0.5, 1, 2, so A = 3 per level.
 
-The numbers and their order match torchvision's ``AnchorGenerator`` exactly (SEMANTICS.md):
+The numbers and their order match torchvision's ``AnchorGenerator`` exactly (docs/conventions.md):
 cell anchors ratio-major then size, rounded half-to-even; anchors location-major (row by row,
 then column) then cell anchor. That order is also the order of the RPN head's outputs after
 the (N, A*C, H, W) -> (N, H*W*A, C) reshape, which is what makes anchor i and prediction i meet.

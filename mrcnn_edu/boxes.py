@@ -1,9 +1,9 @@
 """Axis-aligned boxes: area, IoU, clipping, and the Faster R-CNN box parametrisation.
 
 Boxes are ``(x1, y1, x2, y2)`` in image pixels with area ``(x2 - x1) * (y2 - y1)`` -- no "+1"
-anywhere (the torchvision convention, see SEMANTICS.md). Every function works on NumPy or CuPy
-arrays (``xp = get_xp(boxes)``) and keeps the input's floating dtype, so float32 results agree
-bit for bit with torchvision's float32 ones.
+anywhere (the torchvision convention, see docs/conventions.md). Every function works on NumPy or
+CuPy arrays (``xp = get_xp(boxes)``) and keeps the input's floating dtype, so float32 results
+agree bit for bit with torchvision's float32 ones.
 """
 
 from __future__ import annotations

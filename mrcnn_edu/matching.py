@@ -4,8 +4,8 @@ Faster R-CNN Sec. 3.1.2: an anchor is *positive* if its IoU with some ground-tru
 least 0.7, or if it is the anchor with the highest IoU for some ground-truth box (so every object
 gets at least one anchor); *negative* if its IoU with every box is below 0.3; anything in between
 is ignored by the loss. ``Matcher`` implements that rule with torchvision's exact tie behaviour
-(SEMANTICS.md). ``BalancedPositiveNegativeSampler`` then picks 256 anchors per image, at most half
-positive, so the rare positives are not drowned by easy background.
+(docs/conventions.md, "Matcher"). ``BalancedPositiveNegativeSampler`` then picks 256 anchors per
+image, at most half positive, so the rare positives are not drowned by easy background.
 """
 
 from __future__ import annotations

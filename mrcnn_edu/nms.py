@@ -1,7 +1,8 @@
 """Non-maximum suppression: keep the best box of every cluster of overlapping boxes.
 
-Greedy NMS (the rule of torchvision.ops.nms, SEMANTICS.md): visit boxes by decreasing score; keep
-a box unless a box kept before it overlaps it with IoU *strictly greater* than the threshold.
+Greedy NMS (the rule of torchvision.ops.nms, written down in docs/conventions.md): visit boxes by
+decreasing score; keep a box unless a box kept before it overlaps it with IoU *strictly greater*
+than the threshold.
 Equal scores are visited in index order (a stable sort), which is also what torchvision's CPU
 kernel does; the tests check both facts against torchvision.
 
