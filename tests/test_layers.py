@@ -2,14 +2,11 @@
 
 import numpy as np
 import pytest
+from helpers import rand
 
 from mrcnn_edu.nn import functional as F
 from mrcnn_edu.nn import layers as L
 from mrcnn_edu.nn.gradcheck import check_function, check_module
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
 
 
 # ---------------------------------------------------------------------------------------------

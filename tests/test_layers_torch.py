@@ -2,15 +2,12 @@
 
 import numpy as np
 import pytest
+from helpers import rand
 
 from mrcnn_edu.nn import functional as F
 
 torch = pytest.importorskip("torch")
 tF = torch.nn.functional
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 Layers in ``layers.py`` are thin wrappers around these; a stage that applies one set of weights
 several times (the RPN head over FPN levels) calls the pairs directly and sums the gradients.
+A cache of more than three parts is a ``NamedTuple`` (``ConvCache``, ``ConvTransposeCache``,
+``MaxPoolCache``, ``GroupNormCache``) whose fields the backward reads by name.
 Shapes are NCHW; weights follow PyTorch's layouts so checkpoints line up name by name.
 
 Convolution is im2col + GEMM. For one image, the columns matrix holds every receptive field:
@@ -16,17 +18,58 @@ and the backward is two GEMMs plus the adjoint of im2col (col2im, a scatter-add)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..backend import get_xp
+from .utils import pair
 
 
-def _pair(v, name: str = "value") -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name} must be an int or a pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
+class ConvCache(NamedTuple):
+    """What :func:`conv2d_backward` needs from :func:`conv2d_forward`."""
+
+    x_shape: tuple  # (N, C, H, W) of the input
+    weight: object  # (O, C, kh, kw)
+    has_bias: bool
+    cols: object  # im2col columns (C*kh*kw, N*Ho*Wo), the GEMM operand of dW
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    out_hw: tuple[int, int]  # (Ho, Wo)
+
+
+class ConvTransposeCache(NamedTuple):
+    """What :func:`conv_transpose2d_backward` needs from :func:`conv_transpose2d_forward`."""
+
+    x_shape: tuple  # (N, Cin, H, W) of the input
+    x_cm: object  # the input channel-major, (Cin, N*H*W), the GEMM operand of dW
+    weight: object  # (Cin, Cout, kh, kw)
+    has_bias: bool
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    output_padding: tuple[int, int]
+    dilation: tuple[int, int]
+    full_hw: tuple[int, int]  # the uncropped output size, before padding and output_padding
+
+
+class MaxPoolCache(NamedTuple):
+    """What :func:`max_pool2d_backward` needs from :func:`max_pool2d_forward`."""
+
+    x_shape: tuple  # (N, C, H, W) of the input
+    argmax: object  # (N, C, Ho, Wo) int32: row-major offset i*kw + j of each window's maximum
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+class GroupNormCache(NamedTuple):
+    """What :func:`group_norm_backward` needs from :func:`group_norm_forward`."""
+
+    xhat: object  # (N, C, H, W), the normalised input before the affine transform
+    inv_std: object  # (N, G, 1), 1 / sqrt(var + eps) per group
+    num_groups: int
+    weight: object  # (C,) or None without the affine transform
 
 
 def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -140,7 +183,8 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
         raise ValueError(f"conv2d: x has {x.shape[1]} channels but weight expects {w.shape[1]}")
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
-    s, p, d = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
+    d = pair(dilation, "dilation", minimum=1)
     ho = conv_output_size(h, kh, s[0], p[0], d[0])
     wo = conv_output_size(wd, kw, s[1], p[1], d[1])
     if ho <= 0 or wo <= 0:
@@ -153,7 +197,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
     y = w.reshape(o, c * kh * kw) @ cols  # (O, N*Ho*Wo): one GEMM for the whole batch
     if b is not None:
         y += b.reshape(o, 1)
-    cache = (x.shape, w, b is not None, cols, s, p, d, (ho, wo))
+    cache = ConvCache(x.shape, w, b is not None, cols, s, p, d, (ho, wo))
     return _from_channel_major(y, n, ho, wo), cache
 
 
@@ -163,14 +207,15 @@ def conv2d_backward(dy, cache, need_dx: bool = True):
     dW = dY @ cols^T and dcols = W^T @ dY (two GEMMs), then dx = col2im(dcols).
     ``need_dx=False`` skips the input gradient (dx is None): the first layer of a network
     never needs the gradient of the image, and that GEMM plus col2im is a third of its cost."""
-    x_shape, w, has_bias, cols, s, p, d, (ho, wo) = cache
-    n, c, h, wd = x_shape
+    w, s, p, d = cache.weight, cache.stride, cache.padding, cache.dilation
+    n, c, h, wd = cache.x_shape
     o, _, kh, kw = w.shape
+    ho, wo = cache.out_hw
     dy2 = _to_channel_major(dy)  # (O, N*Ho*Wo)
-    db = dy2.sum(axis=1) if has_bias else None
+    db = dy2.sum(axis=1) if cache.has_bias else None
     # dW = dY cols^T, computed as (cols dY^T)^T: with few output channels and a long inner
     # dimension the transposed-B product is several times slower in OpenBLAS.
-    dw = (cols @ dy2.T).T.reshape(w.shape)
+    dw = (cache.cols @ dy2.T).T.reshape(w.shape)
     if not need_dx:
         return None, dw, db
     dcols = w.reshape(o, c * kh * kw).T @ dy2
@@ -202,8 +247,9 @@ def conv_transpose2d_forward(x, w, b=None, stride=1, padding=0, output_padding=0
         )
     n, cin, h, wd = x.shape
     _, cout, kh, kw = w.shape
-    s, p = _pair(stride, "stride"), _pair(padding, "padding")
-    op, d = _pair(output_padding, "output_padding"), _pair(dilation, "dilation")
+    s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
+    op = pair(output_padding, "output_padding", minimum=0)
+    d = pair(dilation, "dilation", minimum=1)
     if op[0] >= max(s[0], d[0]) or op[1] >= max(s[1], d[1]):
         raise ValueError("output_padding must be smaller than either stride or dilation")
     full_h = (h - 1) * s[0] + d[0] * (kh - 1) + 1
@@ -211,8 +257,8 @@ def conv_transpose2d_forward(x, w, b=None, stride=1, padding=0, output_padding=0
     ho, wo = full_h - 2 * p[0] + op[0], full_w - 2 * p[1] + op[1]
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv_transpose2d: padding {p} leaves no output for input {h}x{wd}")
-    x2 = _to_channel_major(x)  # (Cin, N*H*W)
-    cols = w.reshape(cin, cout * kh * kw).T @ x2  # (Cout*kh*kw, N*H*W)
+    x_cm = _to_channel_major(x)  # (Cin, N*H*W)
+    cols = w.reshape(cin, cout * kh * kw).T @ x_cm  # (Cout*kh*kw, N*H*W)
     # The full (uncropped) output plus room for output_padding rows/columns at the end.
     full = col2im(
         cols.reshape(cout, kh, kw, n, h, wd), (n, cout, full_h + op[0], full_w + op[1]), s, d
@@ -220,7 +266,7 @@ def conv_transpose2d_forward(x, w, b=None, stride=1, padding=0, output_padding=0
     y = xp.ascontiguousarray(full[:, :, p[0] : p[0] + ho, p[1] : p[1] + wo])
     if b is not None:
         y += b.reshape(1, cout, 1, 1)
-    cache = (x.shape, x2, w, b is not None, s, p, op, d, (full_h, full_w))
+    cache = ConvTransposeCache(x.shape, x_cm, w, b is not None, s, p, op, d, (full_h, full_w))
     return y, cache
 
 
@@ -228,15 +274,16 @@ def conv_transpose2d_backward(dy, cache):
     """Gradients of :func:`conv_transpose2d_forward`: (dx, dw, db).
 
     The adjoint of col2im is im2col, so dx is an ordinary convolution of dy with w."""
-    x_shape, x2, w, has_bias, s, p, op, d, (full_h, full_w) = cache
-    n, cin, h, wd = x_shape
+    w, s, p, d = cache.weight, cache.stride, cache.padding, cache.dilation
+    op, (full_h, full_w) = cache.output_padding, cache.full_hw
+    n, cin, h, wd = cache.x_shape
     _, cout, kh, kw = w.shape
-    db = dy.sum(axis=(0, 2, 3)) if has_bias else None
+    db = dy.sum(axis=(0, 2, 3)) if cache.has_bias else None
     # Undo the crop: place dy back into the full output frame (zeros where the crop cut).
     dfull = pad_channel_major(dy, p[0], p[1], (full_h + op[0], full_w + op[1]))
     dcols = im2col(dfull, kh, kw, s, d, (h, wd)).reshape(cout * kh * kw, n * h * wd)
     dx = _from_channel_major(w.reshape(cin, cout * kh * kw) @ dcols, n, h, wd)
-    dw = (dcols @ x2.T).T.reshape(w.shape)  # = x2 dcols^T (see conv2d_backward)
+    dw = (dcols @ cache.x_cm.T).T.reshape(w.shape)  # = x_cm dcols^T (see conv2d_backward)
     return dx, dw, db
 
 
@@ -276,9 +323,9 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     window order wins (a later element must be strictly greater), so the backward is
     deterministic. Returns y: (N, C, Ho, Wo) and a cache holding the argmax offsets."""
     xp = get_xp(x)
-    k = _pair(kernel_size, "kernel_size")
-    s = _pair(stride if stride is not None else kernel_size, "stride")
-    p = _pair(padding, "padding")
+    k = pair(kernel_size, "kernel_size", minimum=1)
+    s = pair(stride if stride is not None else kernel_size, "stride", minimum=1)
+    p = pair(padding, "padding", minimum=0)
     if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
         raise ValueError(f"max_pool2d: padding {p} must be at most half the kernel {k}")
     n, c, h, w = x.shape
@@ -295,13 +342,14 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
             better = v > y
             y = xp.where(better, v, y)
             arg = xp.where(better, i * k[1] + j, arg)
-    return y, (x.shape, arg, k, s, p)
+    return y, MaxPoolCache(x.shape, arg, k, s, p)
 
 
 def max_pool2d_backward(dy, cache):
-    x_shape, arg, k, s, p = cache
+    """Each window's gradient goes to its argmax (the first maximum, as in the forward)."""
+    arg, k, s, p = cache.argmax, cache.kernel_size, cache.stride, cache.padding
     xp = get_xp(dy)
-    n, c, h, w = x_shape
+    n, c, h, w = cache.x_shape
     ho, wo = dy.shape[2], dy.shape[3]
     dpad = xp.zeros((n, c, h + 2 * p[0], w + 2 * p[1]), dtype=dy.dtype)
     for i in range(k[0]):
@@ -330,7 +378,7 @@ def upsample_nearest_forward(x, size):
     """Nearest-neighbour resize of x: (N, C, H, W) to ``size = (Ho, Wo)`` (any sizes, e.g. the
     odd feature maps of FPN's top-down path)."""
     xp = get_xp(x)
-    ho, wo = _pair(size, "size")
+    ho, wo = pair(size, "size", minimum=0)
     iy = xp.asarray(nearest_indices(x.shape[2], ho))
     ix = xp.asarray(nearest_indices(x.shape[3], wo))
     return x[:, :, iy[:, None], ix[None, :]], (x.shape, iy, ix)
@@ -382,13 +430,13 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps=1e-5):
     y = xhat
     if weight is not None:
         y = y * weight.reshape(1, c, 1, 1) + bias.reshape(1, c, 1, 1)
-    return y, (xhat, inv_std, num_groups, weight)
+    return y, GroupNormCache(xhat, inv_std, num_groups, weight)
 
 
 def group_norm_backward(dy, cache):
     """Returns (dx, dweight, dbias). With xhat = (x - mu) * r per group of m elements:
     dx = r * (g - mean(g) - xhat * mean(g * xhat)), where g = dy * weight."""
-    xhat, inv_std, num_groups, weight = cache
+    xhat, inv_std, num_groups, weight = cache.xhat, cache.inv_std, cache.num_groups, cache.weight
     n, c, h, w = xhat.shape
     if weight is not None:
         dweight = (dy * xhat).sum(axis=(0, 2, 3))

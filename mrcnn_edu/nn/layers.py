@@ -1,8 +1,9 @@
 """Layers: Modules that hold Params and call the forward/backward pairs of ``functional.py``.
 
-Each layer keeps the cache of its *last* forward; ``backward(grad_out)`` uses it, accumulates the
-parameter gradients into ``param.grad`` and returns the gradient with respect to the input.
-Weight layouts are PyTorch's, so a state dict maps name for name.
+Each layer keeps what its *last* forward left for the backward in ``self.cache``;
+``backward(grad_out) -> grad_in`` uses it, accumulates the parameter gradients into
+``param.grad`` and returns the gradient with respect to the input (the contract is written out
+in ``module.py``). Weight layouts are PyTorch's, so a state dict maps name for name.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ import numpy as np
 
 from . import functional as F
 from .module import Module, Param
-
-
-def _rng(rng) -> np.random.Generator:
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+from .utils import add_param_grads, as_generator, pair
 
 
 def _weight_and_bias(rng, fan_in: int, weight_shape, out_features: int, bias: bool, dtype):
@@ -50,9 +48,9 @@ class Conv2d(Module):
         rng=None,
         dtype=np.float32,
     ):
-        kh, kw = F._pair(kernel_size, "kernel_size")
+        kh, kw = pair(kernel_size, "kernel_size", minimum=1)
         self.stride, self.padding, self.dilation = stride, padding, dilation
-        rng = _rng(rng)
+        rng = as_generator(rng)
         self.weight, self.bias = _weight_and_bias(
             rng,
             in_channels * kh * kw,
@@ -72,9 +70,7 @@ class Conv2d(Module):
 
     def backward(self, grad_out, need_input_grad: bool = True):
         dx, dw, db = F.conv2d_backward(grad_out, self.cache, need_input_grad)
-        self.weight.grad += dw
-        if self.bias is not None:
-            self.bias.grad += db
+        add_param_grads(self, dw, db)
         return dx
 
 
@@ -96,10 +92,10 @@ class ConvTranspose2d(Module):
         rng=None,
         dtype=np.float32,
     ):
-        kh, kw = F._pair(kernel_size, "kernel_size")
+        kh, kw = pair(kernel_size, "kernel_size", minimum=1)
         self.stride, self.padding = stride, padding
         self.output_padding, self.dilation = output_padding, dilation
-        rng = _rng(rng)
+        rng = as_generator(rng)
         # PyTorch computes fan_in from weight.size(1) * kh * kw for transposed convolutions.
         self.weight, self.bias = _weight_and_bias(
             rng,
@@ -120,9 +116,7 @@ class ConvTranspose2d(Module):
 
     def backward(self, grad_out):
         dx, dw, db = F.conv_transpose2d_backward(grad_out, self.cache)
-        self.weight.grad += dw
-        if self.bias is not None:
-            self.bias.grad += db
+        add_param_grads(self, dw, db)
         return dx
 
 
@@ -132,7 +126,7 @@ class Linear(Module):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, rng=None, dtype=np.float32
     ):
-        rng = _rng(rng)
+        rng = as_generator(rng)
         self.weight, self.bias = _weight_and_bias(
             rng, in_features, (out_features, in_features), out_features, bias, dtype
         )
@@ -145,9 +139,7 @@ class Linear(Module):
 
     def backward(self, grad_out):
         dx, dw, db = F.linear_backward(grad_out, self.cache)
-        self.weight.grad += dw
-        if self.bias is not None:
-            self.bias.grad += db
+        add_param_grads(self, dw, db)
         return dx
 
 
@@ -253,8 +245,7 @@ class GroupNorm(Module):
     def backward(self, grad_out):
         dx, dw, db = F.group_norm_backward(grad_out, self.cache)
         if self.weight is not None:
-            self.weight.grad += dw
-            self.bias.grad += db
+            add_param_grads(self, dw, db)
         return dx
 
 
@@ -262,14 +253,14 @@ class Flatten(Module):
     """(N, ...) -> (N, prod(...))."""
 
     def __init__(self):
-        self.shape = None
+        self.cache = None  # the input shape
 
     def forward(self, x):
-        self.shape = x.shape
+        self.cache = x.shape
         return x.reshape(x.shape[0], -1)
 
     def backward(self, grad_out):
-        return grad_out.reshape(self.shape)
+        return grad_out.reshape(self.cache)
 
 
 class Sequential(Module):

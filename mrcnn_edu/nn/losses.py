@@ -40,34 +40,8 @@ def softmax_cross_entropy(
         ``(softmax(logits_i) - onehot(y_i)) / n`` on counted rows and 0 on ignored rows.
     """
     xp = get_xp(logits)
-    _check_reduction(reduction)
-    _check_floating(logits, "logits")
-    if logits.ndim != 2:
-        raise ValueError(
-            f"softmax_cross_entropy: logits must be 2-D (N, C), got shape {logits.shape}; "
-            "flatten extra dimensions into N first"
-        )
-    n, c = logits.shape
-    labels = xp.asarray(labels)
-    if labels.dtype.kind not in "iu":
-        raise ValueError(
-            f"softmax_cross_entropy: labels must have an integer dtype, got {labels.dtype}; "
-            "pass class indices (e.g. labels.astype(np.int64)), not one-hot or float labels"
-        )
-    if labels.shape != (n,):
-        raise ValueError(
-            f"softmax_cross_entropy: labels must have shape (N,) = ({n},) to match logits "
-            f"{logits.shape}, got {labels.shape}"
-        )
-    valid = labels != ignore_index
-    out_of_range = valid & ((labels < 0) | (labels >= c))
-    if bool(xp.any(out_of_range)):
-        bad = labels[out_of_range]
-        raise ValueError(
-            f"softmax_cross_entropy: labels must lie in [0, {c}) or equal ignore_index="
-            f"{ignore_index}; got {int(bad.min())}..{int(bad.max())} "
-            f"({int(out_of_range.sum())} bad labels)"
-        )
+    labels, valid = _check_cross_entropy_inputs(logits, labels, ignore_index, reduction)
+    n = logits.shape[0]
 
     log_p = log_softmax(logits, axis=1)
     rows = xp.arange(n)
@@ -108,37 +82,7 @@ def binary_cross_entropy_with_logits(
     and the result stays exact to rounding even at ``|z| = 1e4``.
     """
     xp = get_xp(logits)
-    _check_reduction(reduction)
-    _check_floating(logits, "logits")
-    targets = xp.asarray(targets)
-    if targets.shape != logits.shape:
-        raise ValueError(
-            f"binary_cross_entropy_with_logits: targets shape {targets.shape} must equal "
-            f"logits shape {logits.shape}"
-        )
-    if targets.dtype.kind not in "biuf":
-        raise ValueError(
-            f"binary_cross_entropy_with_logits: targets must be numeric, got {targets.dtype}"
-        )
-    targets = targets.astype(logits.dtype, copy=False)
-    if targets.size and bool(xp.any((targets < 0) | (targets > 1) | xp.isnan(targets))):
-        raise ValueError(
-            "binary_cross_entropy_with_logits: targets must lie in [0, 1] "
-            f"(got min {float(xp.nanmin(targets))}, max {float(xp.nanmax(targets))}, or NaN); "
-            "a 0/255 mask must be divided by 255 first"
-        )
-    if weights is not None:
-        weights = xp.asarray(weights)
-        try:
-            shape = np.broadcast_shapes(weights.shape, logits.shape)
-        except ValueError:
-            shape = None
-        if shape != logits.shape:
-            raise ValueError(
-                f"binary_cross_entropy_with_logits: weights shape {weights.shape} must "
-                f"broadcast to logits shape {logits.shape}"
-            )
-        weights = weights.astype(logits.dtype, copy=False)
+    targets, weights = _check_bce_inputs(logits, targets, weights, reduction)
 
     z, t = logits, targets
     per_element = xp.maximum(z, 0) - z * t + xp.log1p(xp.exp(-xp.abs(z)))
@@ -171,15 +115,7 @@ def smooth_l1(pred, target, beta: float = 1.0, reduction: str = "sum") -> tuple[
         ``sign(x)`` outside (0 at ``x = 0`` for L1), divided by ``pred.size`` for ``"mean"``.
     """
     xp = get_xp(pred)
-    _check_reduction(reduction)
-    _check_floating(pred, "pred")
-    target = xp.asarray(target)
-    if target.shape != pred.shape:
-        raise ValueError(
-            f"smooth_l1: target shape {target.shape} must equal pred shape {pred.shape}"
-        )
-    if target.dtype.kind not in "iuf":
-        raise ValueError(f"smooth_l1: target must be numeric, got {target.dtype}")
+    target = _check_elementwise_inputs("smooth_l1", pred, "pred", target, "target", reduction)
     beta = float(beta)
     if not beta >= 0:  # also rejects NaN
         raise ValueError(f"smooth_l1: beta must be >= 0, got {beta}")
@@ -223,12 +159,98 @@ def log_softmax(x, axis: int = -1):
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
 
 
+def _check_cross_entropy_inputs(logits, labels, ignore_index: int, reduction: str):
+    """The argument checks of :func:`softmax_cross_entropy`.
+
+    Returns ``labels`` as an array of the logits' backend and ``valid``, the mask of the rows
+    that count (label != ``ignore_index``)."""
+    xp = get_xp(logits)
+    _check_reduction(reduction)
+    _check_floating(logits, "logits")
+    if logits.ndim != 2:
+        raise ValueError(
+            f"softmax_cross_entropy: logits must be 2-D (N, C), got shape {logits.shape}; "
+            "flatten extra dimensions into N first"
+        )
+    n, c = logits.shape
+    labels = xp.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"softmax_cross_entropy: labels must have an integer dtype, got {labels.dtype}; "
+            "pass class indices (e.g. labels.astype(np.int64)), not one-hot or float labels"
+        )
+    if labels.shape != (n,):
+        raise ValueError(
+            f"softmax_cross_entropy: labels must have shape (N,) = ({n},) to match logits "
+            f"{logits.shape}, got {labels.shape}"
+        )
+    valid = labels != ignore_index
+    out_of_range = valid & ((labels < 0) | (labels >= c))
+    if bool(xp.any(out_of_range)):
+        bad = labels[out_of_range]
+        raise ValueError(
+            f"softmax_cross_entropy: labels must lie in [0, {c}) or equal ignore_index="
+            f"{ignore_index}; got {int(bad.min())}..{int(bad.max())} "
+            f"({int(out_of_range.sum())} bad labels)"
+        )
+    return labels, valid
+
+
+def _check_bce_inputs(logits, targets, weights, reduction: str):
+    """The argument checks of :func:`binary_cross_entropy_with_logits`.
+
+    Returns ``targets`` and ``weights`` (or None) as arrays of ``logits``' dtype."""
+    xp = get_xp(logits)
+    loss = "binary_cross_entropy_with_logits"
+    targets = _check_elementwise_inputs(
+        loss, logits, "logits", targets, "targets", reduction, kinds="biuf"
+    )
+    targets = targets.astype(logits.dtype, copy=False)
+    if targets.size and bool(xp.any((targets < 0) | (targets > 1) | xp.isnan(targets))):
+        raise ValueError(
+            f"{loss}: targets must lie in [0, 1] "
+            f"(got min {float(xp.nanmin(targets))}, max {float(xp.nanmax(targets))}, or NaN); "
+            "a 0/255 mask must be divided by 255 first"
+        )
+    if weights is None:
+        return targets, None
+    weights = xp.asarray(weights)
+    try:
+        shape = np.broadcast_shapes(weights.shape, logits.shape)
+    except ValueError:
+        shape = None
+    if shape != logits.shape:
+        raise ValueError(
+            f"{loss}: weights shape {weights.shape} must broadcast to logits shape {logits.shape}"
+        )
+    return targets, weights.astype(logits.dtype, copy=False)
+
+
+def _check_elementwise_inputs(loss, x, x_name, target, target_name, reduction, kinds="iuf"):
+    """The checks every elementwise loss shares: a known ``reduction``, a floating-point ``x``
+    and a numeric ``target`` (dtype kind in ``kinds``) of ``x``'s shape, returned as an array."""
+    _check_reduction(reduction)
+    _check_floating(x, x_name)
+    target = get_xp(x).asarray(target)
+    if target.shape != x.shape:
+        raise ValueError(
+            f"{loss}: {target_name} shape {target.shape} must equal {x_name} shape {x.shape}"
+        )
+    if target.dtype.kind not in kinds:
+        raise ValueError(f"{loss}: {target_name} must be numeric, got {target.dtype}")
+    return target
+
+
 def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
 def _check_floating(x, name: str) -> None:
+    """Any floating-point array (float16 too: a loss is reduced in its input's precision).
+
+    Looser than ``utils.check_float_array`` (float32/float64 only, for the RoI ops' inputs):
+    a loss only needs a float dtype, and its message says so."""
     dtype = getattr(x, "dtype", None)
     if dtype is None or dtype.kind != "f":
         raise ValueError(

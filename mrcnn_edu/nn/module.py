@@ -1,9 +1,23 @@
 """Param and Module: the two pieces of the explicit-autograd toolkit.
 
 A ``Param`` is an array with a gradient buffer of the same shape. A ``Module`` owns Params and
-child Modules (found by walking its attributes in definition order, like PyTorch), runs
-``forward(x)`` keeping what its backward needs in ``self.cache``, and ``backward(grad_out)`` which
-*accumulates* into its Params' ``.grad`` and returns the gradient with respect to its input.
+child Modules (found by walking its attributes in definition order, like PyTorch).
+
+The backward contract, which every Module in the package follows:
+
+- A layer's ``backward(grad_out) -> grad_in``: it accumulates its parameters' gradients into
+  ``.grad`` and returns the gradient of its input (a layer that receives several outputs'
+  gradients takes them in the same shape it returned its outputs: a tuple for a tuple, a dict of
+  named levels for a dict).
+- Some layers accept an optional keyword ``need_input_grad`` (``Conv2d`` does, and so do the
+  backbone's blocks and stages): False skips the input gradient of the first layer, which a
+  network never needs (the gradient of the image), and that backward returns None instead.
+  ``Conv2d`` defaults to True; the backbone, whose input is the image, defaults to False.
+- A module that owns a loss (the RPN, the RoI heads, the whole model) computes the loss
+  gradient already in ``forward``, and its ``backward()`` takes no argument and returns the
+  gradients of its differentiable inputs (the feature levels it read, as ``{name: gradient}``;
+  the whole model reads images and returns nothing).
+- Whatever a backward needs from its forward is kept in ``self.cache``: one name everywhere.
 """
 
 from __future__ import annotations
@@ -41,7 +55,16 @@ class Param:
 
 
 class Module:
-    """Base class. Subclasses define ``forward`` and ``backward``."""
+    """Base class. Subclasses define ``forward`` and ``backward``.
+
+    A layer's ``backward(grad_out) -> grad_in`` accumulates its parameters' gradients into
+    ``.grad`` and returns the gradient of its input (several outputs' gradients come in the shape
+    the outputs had: a tuple for a tuple, a dict of named levels for a dict); an optional
+    ``need_input_grad=False`` skips the input gradient where a layer accepts it. A module that
+    owns a loss computes its gradient in ``forward`` and has an argument-less ``backward()``
+    that returns the gradients of its differentiable inputs. What a backward needs from its
+    forward is kept in ``self.cache``.
+    """
 
     training: bool = True
 

@@ -63,3 +63,13 @@ def add_param_grads(layer, dw, db) -> None:
     layer.weight.grad += dw
     if getattr(layer, "bias", None) is not None:
         layer.bias.grad += db
+
+
+def add_named_grads(total: dict, more: dict) -> dict:
+    """Sum gradients by name into ``total`` (``{level name: array}``): a feature level read by
+    several branches (the RPN, the box and the mask poolers) receives the sum of their
+    gradients. ``total`` is updated in place and returned; None entries count as absent."""
+    for name, g in more.items():
+        if g is not None:
+            total[name] = g if total.get(name) is None else total[name] + g
+    return total
