@@ -1,6 +1,6 @@
 """RoIAlign and RoIPool on the GPU: CUDA C kernels compiled by CuPy.
 
-Read next to ``mrcnn_edu/roi_ops.py``, the NumPy reference these kernels must reproduce (the tests
+Read next to ``mrcnn_edu/roi_ops/``, the NumPy reference these kernels must reproduce (the tests
 compare them). The functions have the reference's signatures and take/return CuPy arrays.
 
 Thread mapping, the same for all four kernels: one thread per element of the pooled output
@@ -173,7 +173,7 @@ def _launch(name: str, dtype, total: int, args: tuple) -> None:
 
 
 _SOURCE = r"""
-// RoIAlign / RoIPool, torchvision semantics (see SEMANTICS.md). T is float or double.
+// RoIAlign / RoIPool, torchvision semantics (see docs/conventions.md). T is float or double.
 // Every index fits in int: the Python wrapper checks the array sizes.
 #define NEG_FLT_MAX (-3.402823466e+38f)
 

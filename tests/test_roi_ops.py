@@ -349,8 +349,8 @@ def test_roi_pool_works_in_small_channel_and_roi_chunks(rng):
     """The table memory budget splits channels, the chunk size RoIs: results stay the same."""
     features = rng.standard_normal((1, 5, 12, 10)).astype(np.float32)
     rois = random_rois(rng, 9, 1, 10, 12, margin=2, dtype=np.float32)
-    whole = roi_ops._roi_pool_forward(features, rois, 3, 3, 1.0)
-    tiny = roi_ops._roi_pool_forward(features, rois, 3, 3, 1.0, table_budget=1, chunk=1)
+    whole = roi_ops.pool._roi_pool_forward(features, rois, 3, 3, 1.0)
+    tiny = roi_ops.pool._roi_pool_forward(features, rois, 3, 3, 1.0, table_budget=1, chunk=1)
     np.testing.assert_array_equal(whole[0], tiny[0])
     np.testing.assert_array_equal(whole[1], tiny[1])
 
@@ -429,7 +429,7 @@ def test_multiscale_pools_each_box_from_its_level(rng):
     out = pooler(feats, boxes, [(256, 320), (250, 300)])
     assert out.shape == (4, 2, 3, 4)
     want_levels = [0, 3, 1, 0]
-    np.testing.assert_array_equal(pooler.cache["levels"], want_levels)
+    np.testing.assert_array_equal(pooler.cache.levels, want_levels)
     rois = boxes_to_rois(boxes)
     for i, lvl in enumerate(want_levels):
         name, scale = f"p{lvl + 2}", 1 / 4 / 2**lvl
@@ -457,7 +457,7 @@ def test_multiscale_forward_backward_gradcheck(rng):
     pooler = MultiScaleRoIAlign(names, 2, 2, canonical_scale=56, canonical_level=3)
     shapes = [(64, 64), (60, 64)]
     assert sorted(set(pooler(feats, boxes, shapes).shape)) == [2, 4]
-    assert set(pooler.cache["levels"].tolist()) == {0, 1, 2}
+    assert set(pooler.cache.levels.tolist()) == {0, 1, 2}
 
     def forward(*maps):
         return pooler(dict(zip(names, maps)), boxes, shapes)
@@ -477,6 +477,68 @@ def test_multiscale_with_no_boxes(rng):
     grads = pooler.backward(out)
     assert set(grads) == {"p2", "p3", "p4", "p5"}
     assert all(grads[k].shape == feats[k].shape and not grads[k].any() for k in grads)
+
+
+def test_multiscale_declared_strides_equal_inferred_scales(rng):
+    """strides=(4, 8, 16, 32) pools with the scales inference finds: the same output, levels
+    and gradients, and the level range comes from log2 of the first and last stride."""
+    feats = fpn_features(rng, n=2)
+    boxes = [
+        np.array([[10.0, 20, 40, 60], [-60, -60, 400, 400], [0, 0, 112, 112]]),
+        np.array([[30.0, 30, 150, 170], [5, 5, 100, 95]]),
+    ]
+    shapes = [(256, 320), (250, 300)]
+    names = ["p2", "p3", "p4", "p5"]
+    inferred = MultiScaleRoIAlign(names, (3, 4), 2)
+    declared = MultiScaleRoIAlign(names, (3, 4), 2, strides=(4, 8, 16, 32))
+    out = declared(feats, boxes, shapes)
+    np.testing.assert_array_equal(out, inferred(feats, boxes, shapes))
+    np.testing.assert_array_equal(declared.cache.levels, inferred.cache.levels)
+    assert declared.cache.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    grad = rng.standard_normal(out.shape)
+    want = inferred.backward(grad)
+    for name, g in declared.backward(grad).items():
+        np.testing.assert_array_equal(g, want[name])
+    # one level: the stride alone gives the scale
+    single = MultiScaleRoIAlign(["p4"], 2, 2, strides=[16])(feats, boxes, shapes)
+    np.testing.assert_array_equal(single, roi_align(feats["p4"], boxes, 2, 1 / 16, 2))
+
+
+def test_multiscale_declared_strides_are_checked_against_the_maps(rng):
+    feats = fpn_features(rng)  # p2 .. p5 at strides 4 .. 32 of a 256 x 320 image
+    box = [np.array([[0.0, 0, 10, 10]])]
+    names = ["p2", "p3", "p4", "p5"]
+    p5_wrong = MultiScaleRoIAlign(names, 7, 2, strides=(4, 8, 16, 64))
+    with pytest.raises(
+        ValueError,
+        match=r"features\['p5'\] has shape \(1, 2, 8, 10\).*stride 32.*"
+        r"\(256, 320\).*declares stride 64",
+    ):
+        p5_wrong(feats, box, [(256, 320)])
+    all_wrong = MultiScaleRoIAlign(names, 7, 2, strides=(8, 16, 32, 64))
+    with pytest.raises(ValueError, match=r"features\['p2'\] has shape \(1, 2, 64, 80\)"):
+        all_wrong(feats, box, [(256, 320)])
+    # maps that match their strides but skip a level would send boxes to the wrong map
+    gap = MultiScaleRoIAlign(["p2", "p3", "p5"], 7, 2, strides=(4, 8, 32))
+    with pytest.raises(ValueError, match=r"features\['p5'\] has stride 32 right after stride 8"):
+        gap(feats, box, [(256, 320)])
+
+
+def test_multiscale_strides_argument_validation():
+    names = ["p2", "p3", "p4", "p5"]
+    with pytest.raises(ValueError, match="3 entries for the 4 maps"):
+        MultiScaleRoIAlign(names, 7, 2, strides=(4, 8, 16))
+    with pytest.raises(ValueError, match="5 entries for the 4 maps"):
+        MultiScaleRoIAlign(names, 7, 2, strides=(4, 8, 16, 32, 64))
+    with pytest.raises(ValueError, match="sequence of ints"):
+        MultiScaleRoIAlign(names, 7, 2, strides=(4.0, 8, 16, 32))
+    with pytest.raises(ValueError, match="sequence of ints"):
+        MultiScaleRoIAlign(names, 7, 2, strides=16)
+    with pytest.raises(ValueError, match="powers of two"):
+        MultiScaleRoIAlign(names[:1], 7, 2, strides=(12,))
+    with pytest.raises(ValueError, match="finest first"):
+        MultiScaleRoIAlign(names, 7, 2, strides=(32, 16, 8, 4))
+    assert "strides=(4, 8, 16, 32)" in repr(MultiScaleRoIAlign(names, 7, 2, strides=[4, 8, 16, 32]))
 
 
 def test_multiscale_validation(rng):
@@ -517,7 +579,8 @@ def test_cupy_inputs_dispatch_to_the_gpu_kernels_after_validation(monkeypatch):
 
         return kernel
 
-    monkeypatch.setattr(roi_ops, "gpu_kernel", fake_gpu_kernel)
+    for module in (roi_ops.align, roi_ops.pool):  # the modules that dispatch to kernels
+        monkeypatch.setattr(module, "gpu_kernel", fake_gpu_kernel)
     monkeypatch.setitem(sys.modules, "cupy", np)  # get_xp() on the fake arrays returns numpy
     features = np.zeros((1, 2, 4, 4)).view(FakeCupyArray)
     rois = np.array([[0.0, 0, 0, 2, 2]]).view(FakeCupyArray)

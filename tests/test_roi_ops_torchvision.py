@@ -131,11 +131,11 @@ def test_multiscale_roi_align_matches_torchvision(aligned):
         boxes.append(np.concatenate([xy, xy + wh], axis=1))
     pooler = MultiScaleRoIAlign(names, (7, 5), 2, aligned=aligned)
     ours = pooler(features, boxes, image_shapes)
-    assert len(set(pooler.cache["levels"].tolist())) >= 3  # several levels are exercised
+    assert len(set(pooler.cache.levels.tolist())) >= 3  # several levels are exercised
 
     if aligned:
         # torchvision's pooler has no `aligned` argument: compare per level with roi_align.
-        levels = pooler.cache["levels"]
+        levels = pooler.cache.levels
         rois = np.concatenate([np.c_[np.full(len(b), i), b] for i, b in enumerate(boxes)])
         for i, level in enumerate(levels.tolist()):
             feat = torch.from_numpy(features[names[level]])
