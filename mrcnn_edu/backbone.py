@@ -5,6 +5,10 @@ FPN (Lin et al., 2017) merges them top-down into P2..P5, all with the same chann
 P6 (a stride-2 subsampling of P5) that only the RPN uses. Mask R-CNN's "ResNet-50-FPN" is
 ``ResNetConfig(depth=50)`` with ``FPN(out_channels=256)``.
 
+``ResNetFPN`` returns the levels as a dict ``{"p2": P2, ..., "p6": P6}`` (finest first) and
+declares each level's stride once, in ``LEVEL_STRIDES``; the RPN and the RoI poolers are handed
+these strides and check the feature maps against them.
+
 Parameter names follow torchvision's (``layer1.0.conv1.weight``, ``layer1.0.downsample.0.weight``)
 so pretrained weights map name for name. ``ResNetConfig.small()`` is the narrow, shallow variant
 the CPU demo trains from scratch (GroupNorm, since there are no pretrained statistics).
@@ -16,11 +20,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .nn import functional as F
 from .nn import layers as L
 from .nn.module import Module
+from .nn.utils import as_generator
 
 DEPTH_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+# The pyramid levels, finest first, and their strides in image pixels: P_k has stride 2**k.
+LEVEL_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+# P6 exists only to give the RPN's 512-pixel anchors a coarse grid; the RoI heads pool from
+# P2..P5 (FPN paper, Sec. 4.1-4.2).
+ROI_LEVELS = ("p2", "p3", "p4", "p5")
 
 
 @dataclass
@@ -142,11 +152,14 @@ class ResNet(Module):
     """The stem (7x7/2 conv, norm, ReLU, 3x3/2 max-pool) and stages res2..res5.
 
     ``forward(images (N, 3, H, W)) -> [C2, C3, C4, C5]`` at strides 4, 8, 16, 32.
-    ``backward([dC2, dC3, dC4, dC5])`` (entries may be None) fills the parameter gradients.
+    ``backward([dC2, dC3, dC4, dC5], need_input_grad=False)`` (entries may be None) fills the
+    parameter gradients and returns the gradient of the images when ``need_input_grad`` is True
+    (else None: training a detector never needs d(loss)/d(image), and it costs a whole conv
+    backward at full resolution).
     """
 
     def __init__(self, cfg: ResNetConfig, rng=None):
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_generator(rng)
         self.cfg = cfg
         self.conv1 = L.Conv2d(3, cfg.stem_channels, 7, stride=2, padding=3, bias=False, rng=rng)
         self.bn1 = make_norm(cfg.norm, cfg.stem_channels, cfg.gn_groups)
@@ -187,9 +200,11 @@ class ResNet(Module):
             feats.append(x)
         return feats
 
-    def backward(self, grads):
-        """``grads``: gradients of C2..C5 (None where a level received none)."""
-        k = self.cfg.frozen_stages
+    def backward(self, grads, need_input_grad: bool = False):
+        """``grads``: gradients of C2..C5 (None where a level received none). Returns the
+        images' gradient when ``need_input_grad`` (then frozen stages are traversed too; their
+        parameters collect gradients the optimizer never reads), else None."""
+        k = 0 if need_input_grad else self.cfg.frozen_stages
         g = None
         for s in range(3, -1, -1):
             if grads[s] is not None:
@@ -197,7 +212,7 @@ class ResNet(Module):
             if g is None:
                 continue
             if s + 2 <= k:  # this stage and everything below it are frozen: stop here
-                return
+                return None
             for i, block in enumerate(reversed(self.stages()[s])):
                 # The first block of the first stage still passes a gradient to the stem,
                 # unless the stem is frozen.
@@ -205,9 +220,9 @@ class ResNet(Module):
                 need = not (last and s == 0 and k >= 1)
                 g = block.backward(g, need_input_grad=need)
         if g is None or k >= 1:
-            return
+            return None
         g = self.bn1.backward(self.relu.backward(self.maxpool.backward(g)))
-        self.conv1.backward(g, need_input_grad=False)  # nobody needs d(loss)/d(image)
+        return self.conv1.backward(g, need_input_grad=need_input_grad)
 
 
 class FPN(Module):
@@ -221,7 +236,7 @@ class FPN(Module):
     def __init__(
         self, in_channels: list[int], out_channels: int = 256, extra_p6: bool = True, rng=None
     ):
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_generator(rng)
         self.out_channels = out_channels
         self.extra_p6 = extra_p6
         self.inner_blocks = [L.Conv2d(c, out_channels, 1, rng=rng) for c in in_channels]
@@ -235,7 +250,7 @@ class FPN(Module):
             conv.weight.data[...] = rng.uniform(-bound, bound, conv.weight.shape)
             conv.bias.data[...] = 0
         self.upsamples = [L.Upsample() for _ in in_channels[:-1]]
-        self._p6_cache = None
+        self.p6_pool = L.MaxPool2d(1, 2, 0) if extra_p6 else None
 
     def forward(self, feats):
         n = len(self.inner_blocks)
@@ -248,8 +263,7 @@ class FPN(Module):
             inner = lateral + self.upsamples[i](inner, size=lateral.shape[-2:])
             outs.insert(0, self.layer_blocks[i](inner))
         if self.extra_p6:
-            p6, self._p6_cache = F.max_pool2d_forward(outs[-1], 1, 2, 0)
-            outs.append(p6)
+            outs.append(self.p6_pool(outs[-1]))
         return outs
 
     def backward(self, grads):
@@ -258,7 +272,7 @@ class FPN(Module):
         if self.extra_p6:
             g6 = grads.pop()
             if g6 is not None:
-                g5 = F.max_pool2d_backward(g6, self._p6_cache)
+                g5 = self.p6_pool.backward(g6)
                 grads[-1] = g5 if grads[-1] is None else grads[-1] + g5
         feat_grads = [None] * n
         from_above = None  # gradient reaching inner_i through the upsampling of level i - 1
@@ -286,19 +300,29 @@ class BackboneConfig:
 
 
 class ResNetFPN(Module):
-    """``forward(images) -> [P2..P6]``; ``backward([dP2..dP6])``. Strides 4, 8, 16, 32, 64."""
+    """``forward(images) -> {"p2": P2, ..., "p6": P6}``; ``backward({name: dP}) -> None``
+    (or the images' gradient with ``need_input_grad=True``).
 
-    strides = (4, 8, 16, 32, 64)
+    ``strides`` maps each level name to its stride (4, 8, 16, 32, 64), declared here once;
+    ``roi_levels`` names the levels the RoI heads pool from (P2..P5).
+    """
+
+    strides = LEVEL_STRIDES
+    roi_levels = ROI_LEVELS
 
     def __init__(self, cfg: BackboneConfig | None = None, rng=None):
         cfg = cfg or BackboneConfig()
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_generator(rng)
         self.cfg = cfg
         self.body = ResNet(cfg.resnet, rng)
         self.fpn = FPN(cfg.resnet.out_channels, cfg.fpn_channels, rng=rng)
         self.out_channels = cfg.fpn_channels
 
-    def forward(self, images):
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(self.strides)
+
+    def forward(self, images) -> dict:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"backbone expects images (N, 3, H, W), got {images.shape}")
         if images.shape[2] % 32 or images.shape[3] % 32:
@@ -306,7 +330,13 @@ class ResNetFPN(Module):
                 f"backbone input {images.shape[2]}x{images.shape[3]} must be a multiple of 32 "
                 "(pad the batch as MaskRCNN's transform does)"
             )
-        return self.fpn(self.body(images))
+        return dict(zip(self.level_names, self.fpn(self.body(images)), strict=True))
 
-    def backward(self, grads):
-        self.body.backward(self.fpn.backward(grads))
+    def backward(self, grads: dict, need_input_grad: bool = False):
+        """``grads``: ``{level name: gradient}``; a level that received none may be missing or
+        None. Unknown names raise (a misspelt level would otherwise drop its gradient)."""
+        unknown = sorted(set(grads) - set(self.level_names))
+        if unknown:
+            raise ValueError(f"unknown feature level(s) {unknown}; levels: {self.level_names}")
+        per_level = [grads.get(name) for name in self.level_names]
+        return self.body.backward(self.fpn.backward(per_level), need_input_grad)

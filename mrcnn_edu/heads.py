@@ -1,42 +1,120 @@
-"""RoI heads: the box head (classes + per-class box deltas) and the mask head (K masks per RoI).
+"""The head networks: the small nets that read the features and predict.
 
-Both run on RoI features pooled by RoIAlign from the FPN levels:
-
+    RPN:  (N, C, H_l, W_l) per level -> conv3x3, ReLU -> objectness (N, A*k, H_l, W_l),
+          box deltas (N, A*4, H_l, W_l)                      (the same weights on every level)
     box:  (R, C, 7, 7) -> fc6, ReLU -> fc7, ReLU -> cls_score (R, K+1), bbox_pred (R, 4(K+1))
     mask: (R, C, 14, 14) -> 4 x (conv3x3, ReLU) -> deconv 2x2/2, ReLU -> conv1x1 -> (R, K, 28, 28)
 
-and their losses, each returning ``(loss, gradient(s))`` like the losses in ``nn.losses``:
-
-- classification: softmax cross-entropy over K+1 classes, mean over the sampled RoIs;
-- box regression: smooth L1 (beta 1/9) on the deltas **of the GT class only**, summed and
-  divided by the number of sampled RoIs;
-- mask: per-pixel binary cross-entropy on the **GT class's channel only**, mean over the pixels of
-  the positive RoIs. The other K-1 channels get exactly zero gradient: the classes do not compete
-  for pixels, which is the paper's decoupling of mask and class prediction (Sec. 3).
-
-Parameter names follow torchvision's (``box_head.fc6``, ``box_predictor.cls_score``,
-``mask_head.mask_fcn1``, ``mask_predictor.conv5_mask`` ...).
+The stages that own them -- anchors, sampling, targets, losses and the order in which it all
+runs -- are ``rpn.py`` and ``roi_heads.py``. Parameter names follow torchvision's
+(``rpn.head.conv``, ``box_head.fc6``, ``box_predictor.cls_score``, ``mask_head.mask_fcn1``,
+``mask_predictor.conv5_mask`` ...).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import numpy as np
 
-from .backend import get_xp
+from .nn import functional as F
 from .nn import layers as L
-from .nn.losses import binary_cross_entropy_with_logits, smooth_l1, softmax_cross_entropy
+from .nn.layers import Conv2d
 from .nn.module import Module
+from .nn.utils import add_param_grads, as_generator
 
 
-def _rng(rng):
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+class _HeadLevelCache(NamedTuple):
+    """What the head's backward needs from one level of its forward."""
+
+    conv: tuple  # the 3x3 conv's cache
+    relu_mask: object  # where the 3x3 conv's output was positive
+    cls_logits: tuple  # the objectness 1x1 conv's cache
+    bbox_pred: tuple  # the box-delta 1x1 conv's cache
+
+
+class RPNHead(Module):
+    """3x3 conv + ReLU, then sibling 1x1 convs for objectness and box deltas (Faster R-CNN Fig. 3).
+
+    The same weights slide over every FPN level (sharing is what makes the head's outputs
+    comparable across levels), so ``forward`` takes a list of levels and ``backward`` sums each
+    parameter's gradient over them.
+
+    in_channels: C of every level. num_anchors: A per position. logits_per_anchor: 2 for the
+    softmax objectness, 1 for the sigmoid one. Init: normal(std 0.01), zero bias (torchvision).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        logits_per_anchor: int = 2,
+        rng=None,
+        dtype=np.float32,
+    ):
+        if logits_per_anchor not in (1, 2):
+            raise ValueError(f"logits_per_anchor must be 1 or 2, got {logits_per_anchor}")
+        rng = as_generator(rng)
+        self.num_anchors = int(num_anchors)
+        self.logits_per_anchor = int(logits_per_anchor)
+        self.conv = Conv2d(in_channels, in_channels, 3, padding=1, rng=rng, dtype=dtype)
+        self.cls_logits = Conv2d(
+            in_channels, num_anchors * logits_per_anchor, 1, rng=rng, dtype=dtype
+        )
+        self.bbox_pred = Conv2d(in_channels, num_anchors * 4, 1, rng=rng, dtype=dtype)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            layer.weight.data[...] = rng.normal(0.0, 0.01, size=layer.weight.shape)
+            layer.bias.data[...] = 0
+        self.cache: list | None = None
+
+    def forward(self, features: Sequence) -> tuple[list, list]:
+        """features: list of (N, C, H_l, W_l). Returns ``(objectness, deltas)``: lists of
+        (N, A*logits_per_anchor, H_l, W_l) and (N, A*4, H_l, W_l)."""
+        objectness, deltas, self.cache = [], [], []
+        for x in features:
+            t, conv_cache = F.conv2d_forward(x, self.conv.weight.data, self.conv.bias.data, 1, 1)
+            t, relu_mask = F.relu_forward(t)
+            logits, cls_cache = F.conv2d_forward(
+                t, self.cls_logits.weight.data, self.cls_logits.bias.data
+            )
+            box, box_cache = F.conv2d_forward(
+                t, self.bbox_pred.weight.data, self.bbox_pred.bias.data
+            )
+            objectness.append(logits)
+            deltas.append(box)
+            self.cache.append(_HeadLevelCache(conv_cache, relu_mask, cls_cache, box_cache))
+        return objectness, deltas
+
+    def backward(self, grad_out: tuple[Sequence, Sequence]) -> list:
+        """``grad_out``: the gradients of ``(objectness, deltas)``, two lists as forward returned
+        them -> list of (N, C, H_l, W_l) feature gradients.
+
+        Parameter gradients are accumulated (summed over levels) into ``.grad``.
+        """
+        if self.cache is None:
+            raise RuntimeError("RPNHead.backward called before forward")
+        grad_objectness, grad_deltas = grad_out
+        grad_features = []
+        for cache, g_obj, g_box in zip(self.cache, grad_objectness, grad_deltas, strict=True):
+            # the ReLU output feeds both 1x1 convs, so its gradient is the sum of theirs
+            g_t, dw, db = F.conv2d_backward(g_obj, cache.cls_logits)
+            add_param_grads(self.cls_logits, dw, db)
+            g_t2, dw, db = F.conv2d_backward(g_box, cache.bbox_pred)
+            add_param_grads(self.bbox_pred, dw, db)
+            g_x, dw, db = F.conv2d_backward(
+                F.relu_backward(g_t + g_t2, cache.relu_mask), cache.conv
+            )
+            add_param_grads(self.conv, dw, db)
+            grad_features.append(g_x)
+        return grad_features
 
 
 class TwoMLPHead(Module):
     """Flatten the pooled features and apply two fully connected layers with ReLU."""
 
     def __init__(self, in_features: int, representation_size: int = 1024, rng=None):
-        rng = _rng(rng)
+        rng = as_generator(rng)
         self.flatten = L.Flatten()
         self.fc6 = L.Linear(in_features, representation_size, rng=rng)
         self.relu6 = L.ReLU()
@@ -55,7 +133,7 @@ class FastRCNNPredictor(Module):
     """Class logits (R, K+1) and per-class box deltas (R, 4(K+1)) from the box features."""
 
     def __init__(self, in_features: int, num_classes: int, rng=None):
-        rng = _rng(rng)
+        rng = as_generator(rng)
         self.cls_score = L.Linear(in_features, num_classes, rng=rng)
         self.bbox_pred = L.Linear(in_features, num_classes * 4, rng=rng)
         # Detectron's initialisation: small normal weights, zero biases.
@@ -67,7 +145,10 @@ class FastRCNNPredictor(Module):
     def forward(self, x):
         return self.cls_score(x), self.bbox_pred(x)
 
-    def backward(self, grad_logits, grad_deltas):
+    def backward(self, grad_out):
+        """``grad_out``: the gradients of ``(class logits, box deltas)``, as forward returned
+        them. Both layers read the same features, so their input gradients add."""
+        grad_logits, grad_deltas = grad_out
         return self.cls_score.backward(grad_logits) + self.bbox_pred.backward(grad_deltas)
 
 
@@ -75,7 +156,7 @@ class MaskHead(Module):
     """``num_convs`` conv3x3 + ReLU layers (the paper's "4 x conv", 256 channels)."""
 
     def __init__(self, in_channels: int, channels: int = 256, num_convs: int = 4, rng=None):
-        rng = _rng(rng)
+        rng = as_generator(rng)
         for i in range(num_convs):
             conv = L.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, rng=rng)
             _kaiming_normal_fan_out(conv, rng)
@@ -99,7 +180,7 @@ class MaskRCNNPredictor(Module):
     """2x2 stride-2 deconvolution + ReLU (14x14 -> 28x28), then a 1x1 conv to K mask logits."""
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, rng=None):
-        rng = _rng(rng)
+        rng = as_generator(rng)
         self.conv5_mask = L.ConvTranspose2d(in_channels, channels, 2, stride=2, rng=rng)
         self.relu = L.ReLU()
         self.mask_fcn_logits = L.Conv2d(channels, num_classes, 1, rng=rng)
@@ -121,54 +202,3 @@ def _kaiming_normal_fan_out(conv, rng, fan_out: int | None = None) -> None:
     w[...] = rng.normal(0.0, np.sqrt(2.0 / fan_out), w.shape)
     if conv.bias is not None:
         conv.bias.data[...] = 0
-
-
-# ------------------------------------------------------------------------------------------------
-# Losses of the RoI heads
-# ------------------------------------------------------------------------------------------------
-def fastrcnn_loss(class_logits, box_deltas, labels, regression_targets, beta: float = 1.0 / 9):
-    """Classification and box-regression losses of the sampled RoIs.
-
-    class_logits: (R, K+1); box_deltas: (R, 4(K+1)); labels: (R,) int in 0..K (0 = background);
-    regression_targets: (R, 4) encoded GT boxes (only rows with label > 0 are used).
-
-    Returns ``(loss_classifier, loss_box_reg, grad_logits, grad_deltas)``. The box loss uses the
-    deltas of each positive RoI's GT class only, and is normalised by R (all sampled RoIs, not
-    only positives), as torchvision and Detectron do.
-    """
-    xp = get_xp(class_logits)
-    r = class_logits.shape[0]
-    loss_cls, grad_logits = softmax_cross_entropy(class_logits, labels)
-    grad_deltas = xp.zeros_like(box_deltas)
-    pos = xp.flatnonzero(labels > 0)
-    if pos.size == 0 or r == 0:
-        return loss_cls, 0.0, grad_logits, grad_deltas
-    cols = 4 * labels[pos][:, None] + xp.arange(4)[None, :]  # the GT class's four deltas
-    rows = pos[:, None]
-    loss_box, g = smooth_l1(box_deltas[rows, cols], regression_targets[pos], beta, "sum")
-    grad_deltas[rows, cols] = g / r
-    return loss_cls, loss_box / r, grad_logits, grad_deltas
-
-
-def maskrcnn_loss(mask_logits, labels, mask_targets):
-    """Per-pixel BCE on the GT class's channel, averaged over every pixel of the positive RoIs.
-
-    mask_logits: (P, K, M, M) for the P positive RoIs; labels: (P,) in 1..K;
-    mask_targets: (P, M, M) in [0, 1] (the GT mask RoIAligned onto each RoI's 28x28 grid).
-
-    Returns ``(loss_mask, grad_mask_logits)``; the gradient is zero on every channel but the
-    GT class's (the class-specific masks are decoupled from each other).
-    """
-    xp = get_xp(mask_logits)
-    grad = xp.zeros_like(mask_logits)
-    p = mask_logits.shape[0]
-    if p == 0:
-        return 0.0, grad
-    k = mask_logits.shape[1]
-    if labels.shape != (p,) or int(labels.min()) < 1 or int(labels.max()) > k:
-        raise ValueError(f"mask loss labels must be ({p},) classes in 1..{k} (positive RoIs only)")
-    idx = xp.arange(p)
-    chan = labels - 1  # channel k-1 holds class k's mask (no background mask)
-    loss, g = binary_cross_entropy_with_logits(mask_logits[idx, chan], mask_targets)
-    grad[idx, chan] = g
-    return loss, grad

@@ -2,20 +2,19 @@
 
 Forward (training), in the order the data flows::
 
-    images ─ transform (normalise, pad to /32) ─ backbone (ResNet + FPN) ─ P2..P6
-    P2..P6 ─ RPN ─ proposals (no gradient)            + loss_objectness, loss_rpn_box_reg
-    proposals + GT boxes ─ match (IoU 0.5) ─ sample 512 RoIs/image at 25% positives
-    P2..P5 ─ RoIAlign 7x7 ─ box head ─ class logits, box deltas
-                                                      + loss_classifier, loss_box_reg
-    positive RoIs ─ RoIAlign 14x14 ─ mask head ─ K mask logits at 28x28
-                                                      + loss_mask (GT class channel only)
+    images ─ transform (normalise, pad to /32) ─ backbone (ResNet + FPN) ─ {p2..p6}
+    {p2..p6} ─ RPN ─ proposals (no gradient)             + loss_objectness, loss_rpn_box_reg
+    {p2..p5} + proposals + targets ─ RoI heads:
+        match (IoU 0.5), sample 512 RoIs/image at 25% positives
+        RoIAlign 7x7 ─ box head ─ class logits, box deltas  + loss_classifier, loss_box_reg
+        positive RoIs ─ RoIAlign 14x14 ─ mask head ─ K masks + loss_mask (GT class channel only)
 
-``backward()`` walks the same path in reverse: mask head → its RoIAlign → feature gradients;
-box head → its RoIAlign → feature gradients; RPN head → feature gradients; the three are summed
-per FPN level and sent through FPN and ResNet. The total loss is the plain sum of the five.
+``backward()`` walks the same path in reverse: RoI heads (mask branch, then box branch) →
+gradients of P2..P5; RPN head → gradients of P2..P6; the two are summed per level and sent
+through FPN and ResNet. The total loss is the plain sum of the five.
 
-``predict(images)`` runs the inference path: RPN proposals (test top-n) → box head → per-class
-NMS → mask head on the final boxes → masks pasted into the image.
+``predict(images)`` runs the inference path: RPN proposals (test top-n) → RoI heads (box head,
+per-class NMS, mask head on the final boxes) → masks pasted into each image.
 """
 
 from __future__ import annotations
@@ -27,57 +26,17 @@ import numpy as np
 
 from .backbone import BackboneConfig, ResNetConfig, ResNetFPN
 from .backend import get_xp, to_host
-from .boxes import BoxCoder, box_iou
-from .heads import (
-    FastRCNNPredictor,
-    MaskHead,
-    MaskRCNNPredictor,
-    TwoMLPHead,
-    fastrcnn_loss,
-    maskrcnn_loss,
-)
-from .matching import BalancedPositiveNegativeSampler, Matcher
-from .nn.losses import sigmoid
 from .nn.module import Module
-from .postprocess import paste_masks_in_image, postprocess_detections
-from .roi_ops import MultiScaleRoIAlign, roi_align
+from .nn.utils import add_named_grads, as_generator
+from .postprocess import paste_masks_in_image
+from .roi_heads import RoIHeads, RoIHeadsConfig
 from .rpn import RPN, RPNConfig
 
+# Parameter-name prefixes of the RoI heads in checkpoints written before ``RoIHeads`` existed.
+_LEGACY_HEAD_PREFIXES = ("box_head.", "box_predictor.", "mask_head.", "mask_predictor.")
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class RoIHeadsConfig:
-    """Box and mask heads; defaults are the paper's / torchvision's."""
-
-    fg_iou_thresh: float = 0.5
-    bg_iou_thresh: float = 0.5
-    batch_size_per_image: int = 512
-    positive_fraction: float = 0.25
-    box_coder_weights: tuple = (10.0, 10.0, 5.0, 5.0)
-    box_loss_beta: float = 1.0 / 9
-    representation_size: int = 1024
-    box_pool_size: int = 7
-    mask_pool_size: int = 14
-    mask_size: int = 28
-    sampling_ratio: int = 2
-    aligned: bool = False  # torchvision's Mask R-CNN pools with aligned=False; Detectron2: True
-    mask_channels: int = 256
-    mask_num_convs: int = 4
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-
-    def __post_init__(self):
-        if self.mask_size != 2 * self.mask_pool_size:
-            raise ValueError(
-                f"mask_size ({self.mask_size}) must be twice mask_pool_size "
-                f"({self.mask_pool_size}): the mask head upsamples by a 2x deconvolution"
-            )
-        if not 0 < self.positive_fraction <= 1 or self.batch_size_per_image < 1:
-            raise ValueError("need batch_size_per_image >= 1 and 0 < positive_fraction <= 1")
 
 
 @dataclass
@@ -179,30 +138,21 @@ class MaskRCNN(Module):
 
     def __init__(self, config: MaskRCNNConfig | None = None, rng=None):
         self.config = cfg = config or MaskRCNNConfig()
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        k = cfg.num_classes
-        rh = cfg.roi_heads
+        rng = as_generator(rng)
         self.backbone = ResNetFPN(cfg.backbone, rng)
-        c = self.backbone.out_channels
-        self.rpn = RPN(c, cfg.rpn, rng)
-        level_names = ["p2", "p3", "p4", "p5"]
-        self.box_roi_pool = MultiScaleRoIAlign(
-            level_names, rh.box_pool_size, rh.sampling_ratio, aligned=rh.aligned
-        )
-        self.mask_roi_pool = MultiScaleRoIAlign(
-            level_names, rh.mask_pool_size, rh.sampling_ratio, aligned=rh.aligned
-        )
-        self.box_head = TwoMLPHead(c * rh.box_pool_size**2, rh.representation_size, rng)
-        self.box_predictor = FastRCNNPredictor(rh.representation_size, k + 1, rng)
-        self.mask_head = MaskHead(c, rh.mask_channels, rh.mask_num_convs, rng)
-        self.mask_predictor = MaskRCNNPredictor(rh.mask_channels, rh.mask_channels, k, rng)
-        self.box_coder = BoxCoder(rh.box_coder_weights)
-        self.proposal_matcher = Matcher(rh.fg_iou_thresh, rh.bg_iou_thresh, False)
-        self.fg_bg_sampler = BalancedPositiveNegativeSampler(
-            rh.batch_size_per_image, rh.positive_fraction, rng
+        strides = self.backbone.strides  # {"p2": 4, ..., "p6": 64}, declared by the backbone
+        channels = self.backbone.out_channels
+        self.rpn = RPN(channels, cfg.rpn, rng, strides=tuple(strides.values()))
+        roi_levels = self.backbone.roi_levels
+        self.roi_heads = RoIHeads(
+            channels,
+            cfg.num_classes,
+            cfg.roi_heads,
+            roi_levels,
+            [strides[name] for name in roi_levels],
+            rng,
         )
         self._rng = rng
-        self._cache = None
 
     # The one generator used for sampling, shared by the RPN's and the RoI heads' samplers.
     @property
@@ -215,189 +165,58 @@ class MaskRCNN(Module):
             raise ValueError("model.rng must be a numpy.random.Generator")
         self._rng = generator
         self.rpn.sampler.rng = generator
-        self.fg_bg_sampler.rng = generator
+        self.roi_heads.fg_bg_sampler.rng = generator
 
-    # ---------------------------------------------------------------------------------------
-    # Training
-    # ---------------------------------------------------------------------------------------
     def forward(self, images, targets, proposals=None) -> dict:
         """Losses for a batch: ``{loss_objectness, loss_rpn_box_reg, loss_classifier,
         loss_box_reg, loss_mask}`` as floats. ``proposals`` (list of (R_i, 4)) replaces the
         RPN's proposals when given (the whole-model gradcheck holds them fixed)."""
         batch, image_sizes = self.transform(images)
         targets = self._check_targets(targets, image_sizes)
-        xp = get_xp(batch)
-        feats = self.backbone(batch)
-        rpn_proposals, rpn_losses = self.rpn(
-            feats, image_sizes, targets, batch_shape=tuple(batch.shape[-2:])
-        )
+        features = self.backbone(batch)  # {"p2": P2, ..., "p6": P6}
+        rpn_proposals, rpn_losses = self.rpn(features, image_sizes, targets, batch.shape[-2:])
         if proposals is None:
             proposals = rpn_proposals
-        pooled_feats = dict(zip(["p2", "p3", "p4", "p5"], feats[:4]))
-        batch_hw = [tuple(batch.shape[-2:])] * len(image_sizes)
-
-        rois, labels, regression_targets, matched = self.select_training_samples(proposals, targets)
-        box_feats = self.box_roi_pool(pooled_feats, rois, batch_hw)
-        class_logits, box_deltas = self.box_predictor(self.box_head(box_feats))
-        all_labels = xp.concatenate(labels)
-        loss_cls, loss_box, g_logits, g_deltas = fastrcnn_loss(
-            class_logits,
-            box_deltas,
-            all_labels,
-            xp.concatenate(regression_targets),
-            self.config.roi_heads.box_loss_beta,
-        )
-
-        # Mask branch: positive RoIs only, targets = GT mask RoIAligned onto each RoI's grid.
-        pos_rois = [r[lab > 0] for r, lab in zip(rois, labels)]
-        pos_labels = all_labels[all_labels > 0]
-        mask_targets = self.mask_targets(
-            pos_rois, [m[lab > 0] for m, lab in zip(matched, labels)], targets
-        )
-        if pos_labels.size:
-            mask_logits = self.mask_predictor(
-                self.mask_head(self.mask_roi_pool(pooled_feats, pos_rois, batch_hw))
-            )
-            loss_mask, g_mask = maskrcnn_loss(mask_logits, pos_labels, mask_targets)
-        else:
-            loss_mask, g_mask = 0.0, None
-        self._cache = {"g_logits": g_logits, "g_deltas": g_deltas, "g_mask": g_mask}
-        return {
-            **rpn_losses,
-            "loss_classifier": loss_cls,
-            "loss_box_reg": loss_box,
-            "loss_mask": loss_mask,
-        }
+        _, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
+        return {**rpn_losses, **roi_losses}
 
     def backward(self) -> None:
-        """Gradients of the sum of the five losses of the last forward, into every ``.grad``."""
-        if self._cache is None:
-            raise RuntimeError("MaskRCNN.backward() needs a training forward first")
-        c = self._cache
-        feat_grads = [None] * 5
-        # 1. mask head -> its RoIAlign -> P2..P5
-        if c["g_mask"] is not None:
-            g = self.mask_head.backward(self.mask_predictor.backward(c["g_mask"]))
-            _accumulate(feat_grads, self.mask_roi_pool.backward(g))
-        # 2. box predictor + box head -> its RoIAlign -> P2..P5
-        g = self.box_head.backward(self.box_predictor.backward(c["g_logits"], c["g_deltas"]))
-        _accumulate(feat_grads, self.box_roi_pool.backward(g))
-        # 3. RPN head -> P2..P6
-        for i, g in enumerate(self.rpn.backward()):
-            feat_grads[i] = g if feat_grads[i] is None else feat_grads[i] + g
-        # 4. FPN -> ResNet
-        self.backbone.backward(feat_grads)
-        self._cache = None
+        """Gradients of the sum of the five losses of the last forward, into every ``.grad``.
 
-    def select_training_samples(self, proposals, targets):
-        """Add the GT boxes to the proposals, match them to GT at IoU 0.5, and sample
-        ``batch_size_per_image`` RoIs with at most ``positive_fraction`` positives.
+        Nothing is returned: the inputs are images, and training a detector never needs their
+        gradient (``backbone.backward(..., need_input_grad=True)`` computes it on request)."""
+        feature_grads = self.roi_heads.backward()  # 1. mask and box branches -> P2..P5
+        add_named_grads(feature_grads, self.rpn.backward())  # 2. RPN head -> P2..P6
+        self.backbone.backward(feature_grads)  # 3. FPN -> ResNet
 
-        Returns per-image lists: rois (S_i, 4), labels (S_i,) (0 = background), regression
-        targets (S_i, 4) and matched GT indices (S_i,) (meaningful where label > 0)."""
-        rois, labels, reg_targets, matched_out = [], [], [], []
-        for props, tgt in zip(proposals, targets):
-            xp = get_xp(props)
-            gt_boxes = tgt["boxes"].astype(props.dtype)
-            props = xp.concatenate([props, gt_boxes], axis=0)
-            if gt_boxes.shape[0] == 0:
-                matched = xp.zeros(props.shape[0], dtype=np.int64)
-                lab = xp.zeros(props.shape[0], dtype=np.int64)
-            else:
-                matched_raw = self.proposal_matcher(box_iou(gt_boxes, props))
-                matched = xp.maximum(matched_raw, 0)
-                lab = tgt["labels"][matched].astype(np.int64)
-                lab[matched_raw == Matcher.BELOW_LOW_THRESHOLD] = 0
-                lab[matched_raw == Matcher.BETWEEN_THRESHOLDS] = -1
-            pos, neg = self.fg_bg_sampler([lab])
-            keep = xp.flatnonzero(pos[0] | neg[0])
-            props, lab, matched = props[keep], lab[keep], matched[keep]
-            if gt_boxes.shape[0] == 0:
-                reg = xp.zeros((props.shape[0], 4), dtype=props.dtype)
-            else:
-                reg = self.box_coder.encode(gt_boxes[matched], props)
-            rois.append(props)
-            labels.append(lab)
-            reg_targets.append(reg)
-            matched_out.append(matched)
-        return rois, labels, reg_targets, matched_out
-
-    def mask_targets(self, pos_rois, pos_matched, targets):
-        """(P, M, M) mask targets: each positive RoI's matched GT mask, RoIAligned onto the RoI
-        (spatial scale 1, as the paper: "the intersection between an RoI and its GT mask").
-
-        The crop uses ``aligned=True`` (Detectron2's choice; torchvision uses False): GT mask
-        pixel j covers [j, j+1), and ``paste_masks_in_image`` puts the predicted masks back with
-        that same pixel-centre model. With ``aligned=False`` targets, a perfectly learned mask
-        comes back shifted by about half a pixel, which caps segm AP on the demo's shapes at
-        0.90 (notebook 06 measures this ceiling)."""
-        m = self.config.roi_heads.mask_size
-        out = []
-        for rois, matched, tgt in zip(pos_rois, pos_matched, targets):
-            if rois.shape[0] == 0:
-                continue
-            xp = get_xp(rois)
-            gt_masks = tgt["masks"][:, None].astype(rois.dtype)
-            roi_rows = xp.concatenate([matched[:, None].astype(rois.dtype), rois], axis=1)
-            t = roi_align(gt_masks, roi_rows, (m, m), 1.0, -1, True)[:, 0]
-            # bilinear weights sum to 1 only up to rounding: 1.0000001 is not a valid BCE target
-            out.append(xp.clip(t, 0.0, 1.0))
-        if not out:
-            return np.zeros((0, m, m), np.float32)
-        return get_xp(out[0]).concatenate(out, axis=0)
-
-    # ---------------------------------------------------------------------------------------
-    # Inference
-    # ---------------------------------------------------------------------------------------
-    def predict(self, images, mask_threshold: float = 0.5) -> list[dict]:
+    def predict(self, images, mask_threshold: float | None = 0.5) -> list[dict]:
         """Detections for each image: ``{"boxes" (D, 4), "labels" (D,) in 1..K, "scores" (D,),
-        "masks" (D, H, W) uint8}``, best first, at most ``detections_per_img``."""
+        "masks" (D, H, W) uint8}``, best first, at most ``detections_per_img``
+        (``mask_threshold=None`` keeps the pasted mask probabilities instead)."""
         was_training = self.training
         self.eval()
         try:
             batch, image_sizes = self.transform(images)
-            xp = get_xp(batch)
-            rh = self.config.roi_heads
-            feats = self.backbone(batch)
-            proposals, _ = self.rpn(feats, image_sizes, None, batch_shape=tuple(batch.shape[-2:]))
-            pooled = dict(zip(["p2", "p3", "p4", "p5"], feats[:4]))
-            batch_hw = [tuple(batch.shape[-2:])] * len(image_sizes)
-            class_logits, box_deltas = self.box_predictor(
-                self.box_head(self.box_roi_pool(pooled, proposals, batch_hw))
-            )
-            results, start = [], 0
-            for props, size in zip(proposals, image_sizes):
-                stop = start + props.shape[0]
-                boxes, scores, labels = postprocess_detections(
-                    class_logits[start:stop],
-                    box_deltas[start:stop],
-                    props,
-                    size,
-                    self.box_coder,
-                    rh.score_thresh,
-                    rh.nms_thresh,
-                    rh.detections_per_img,
-                )
-                start = stop
-                results.append({"boxes": boxes, "labels": labels, "scores": scores})
-            det_boxes = [r["boxes"] for r in results]
-            if sum(b.shape[0] for b in det_boxes):
-                mask_logits = self.mask_predictor(
-                    self.mask_head(self.mask_roi_pool(pooled, det_boxes, batch_hw))
-                )
-            start = 0
-            for r, size in zip(results, image_sizes):
-                d = r["boxes"].shape[0]
-                if d == 0:
-                    r["masks"] = xp.zeros((0, *size), dtype=np.uint8)
-                    continue
-                logits = mask_logits[start : start + d]
-                start += d
-                probs = sigmoid(logits[xp.arange(d), r["labels"] - 1])
-                r["masks"] = paste_masks_in_image(probs, r["boxes"], size, mask_threshold)
-            return [to_host(r) for r in results]
+            features = self.backbone(batch)
+            proposals, _ = self.rpn(features, image_sizes, None, batch.shape[-2:])
+            detections, _ = self.roi_heads(features, proposals, image_sizes)
+            for det, size in zip(detections, image_sizes):
+                probs = det.pop("mask_probs")
+                det["masks"] = paste_masks_in_image(probs, det["boxes"], size, mask_threshold)
+            return [to_host(det) for det in detections]
         finally:
             self.train(was_training)
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """As ``Module.load_state_dict``; also reads checkpoints written before the RoI heads had
+        a module of their own, whose head parameters lack the ``roi_heads.`` prefix."""
+        super().load_state_dict(
+            {
+                ("roi_heads." + k if k.startswith(_LEGACY_HEAD_PREFIXES) else k): v
+                for k, v in state.items()
+            },
+            strict,
+        )
 
     # ---------------------------------------------------------------------------------------
     # Input handling
@@ -474,10 +293,3 @@ class MaskRCNN(Module):
                 raise ValueError(f"targets[{i}]['boxes'] has boxes with x2 <= x1 or y2 <= y1")
             out.append({"boxes": boxes, "labels": labels.astype(np.int64), "masks": masks})
         return out
-
-
-def _accumulate(feat_grads: list, level_grads: dict) -> None:
-    for i, name in enumerate(["p2", "p3", "p4", "p5"]):
-        g = level_grads.get(name)
-        if g is not None:
-            feat_grads[i] = g if feat_grads[i] is None else feat_grads[i] + g

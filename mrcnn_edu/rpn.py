@@ -17,26 +17,32 @@ Objectness has two equivalent forms (see docs/anchors_rpn.md):
 Because ``softmax([z_bg, z_obj])[1] = sigmoid(z_obj - z_bg)``, the softmax head is the sigmoid
 head with an extra, redundant background logit; proposals are ranked by ``z_obj - z_bg``.
 
-Everything else follows torchvision's ``RegionProposalNetwork`` (SEMANTICS.md), so proposals can
-be compared box for box.
+Everything else follows torchvision's ``RegionProposalNetwork`` (the rules are written down in
+``docs/conventions.md``), so proposals can be compared box for box.
+
+Feature levels come as a dict of named maps (``{"p2": P2, ..., "p6": P6}``, finest first, as the
+backbone returns them) or a plain list; ``backward()`` returns their gradients in the same form.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from .anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, AnchorGenerator
 from .backend import get_xp
 from .boxes import BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes, validate_boxes
+from .heads import RPNHead
 from .matching import BalancedPositiveNegativeSampler, Matcher
 from .nms import batched_nms
-from .nn import functional as F
-from .nn.layers import Conv2d
 from .nn.losses import binary_cross_entropy_with_logits, sigmoid, smooth_l1, softmax_cross_entropy
 from .nn.module import Module
+from .nn.utils import as_generator
+
+__all__ = ["RPN", "RPNConfig", "RPNHead"]  # the head network lives in heads.py
 
 OBJECTNESS_LOSSES = ("softmax", "sigmoid")
 
@@ -87,84 +93,6 @@ class RPNConfig:
         return 2 if self.objectness_loss == "softmax" else 1
 
 
-class RPNHead(Module):
-    """3x3 conv + ReLU, then sibling 1x1 convs for objectness and box deltas (Faster R-CNN Fig. 3).
-
-    The same weights slide over every FPN level (sharing is what makes the head's outputs
-    comparable across levels), so ``forward`` takes a list of levels and ``backward`` sums each
-    parameter's gradient over them.
-
-    in_channels: C of every level. num_anchors: A per position. logits_per_anchor: 2 for the
-    softmax objectness, 1 for the sigmoid one. Init: normal(std 0.01), zero bias (torchvision).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        num_anchors: int,
-        logits_per_anchor: int = 2,
-        rng=None,
-        dtype=np.float32,
-    ):
-        if logits_per_anchor not in (1, 2):
-            raise ValueError(f"logits_per_anchor must be 1 or 2, got {logits_per_anchor}")
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        self.num_anchors = int(num_anchors)
-        self.logits_per_anchor = int(logits_per_anchor)
-        self.conv = Conv2d(in_channels, in_channels, 3, padding=1, rng=rng, dtype=dtype)
-        self.cls_logits = Conv2d(
-            in_channels, num_anchors * logits_per_anchor, 1, rng=rng, dtype=dtype
-        )
-        self.bbox_pred = Conv2d(in_channels, num_anchors * 4, 1, rng=rng, dtype=dtype)
-        for layer in (self.conv, self.cls_logits, self.bbox_pred):
-            layer.weight.data[...] = rng.normal(0.0, 0.01, size=layer.weight.shape)
-            layer.bias.data[...] = 0
-        self.cache: list | None = None
-
-    def forward(self, features: Sequence) -> tuple[list, list]:
-        """features: list of (N, C, H_l, W_l). Returns ``(objectness, deltas)``: lists of
-        (N, A*logits_per_anchor, H_l, W_l) and (N, A*4, H_l, W_l)."""
-        objectness, deltas, self.cache = [], [], []
-        for x in features:
-            t, conv_cache = F.conv2d_forward(x, self.conv.weight.data, self.conv.bias.data, 1, 1)
-            t, relu_mask = F.relu_forward(t)
-            logits, cls_cache = F.conv2d_forward(
-                t, self.cls_logits.weight.data, self.cls_logits.bias.data
-            )
-            box, box_cache = F.conv2d_forward(
-                t, self.bbox_pred.weight.data, self.bbox_pred.bias.data
-            )
-            objectness.append(logits)
-            deltas.append(box)
-            self.cache.append((conv_cache, relu_mask, cls_cache, box_cache))
-        return objectness, deltas
-
-    def backward(self, grad_objectness: Sequence, grad_deltas: Sequence) -> list:
-        """Gradients of the two output lists -> list of (N, C, H_l, W_l) feature gradients.
-
-        Parameter gradients are accumulated (summed over levels) into ``.grad``.
-        """
-        if self.cache is None:
-            raise RuntimeError("RPNHead.backward called before forward")
-        grad_features = []
-        for (conv_cache, relu_mask, cls_cache, box_cache), g_obj, g_box in zip(
-            self.cache, grad_objectness, grad_deltas, strict=True
-        ):
-            # the ReLU output feeds both 1x1 convs, so its gradient is the sum of theirs
-            g_t, dw, db = F.conv2d_backward(g_obj, cls_cache)
-            self.cls_logits.weight.grad += dw
-            self.cls_logits.bias.grad += db
-            g_t2, dw, db = F.conv2d_backward(g_box, box_cache)
-            self.bbox_pred.weight.grad += dw
-            self.bbox_pred.bias.grad += db
-            g_t = F.relu_backward(g_t + g_t2, relu_mask)
-            g_x, dw, db = F.conv2d_backward(g_t, conv_cache)
-            self.conv.weight.grad += dw
-            self.conv.bias.grad += db
-            grad_features.append(g_x)
-        return grad_features
-
-
 class RPN(Module):
     """Region Proposal Network: head + anchors + matching + losses + proposal filtering.
 
@@ -174,10 +102,15 @@ class RPN(Module):
     """
 
     def __init__(
-        self, in_channels: int, config: RPNConfig | None = None, rng=None, dtype=np.float32
+        self,
+        in_channels: int,
+        config: RPNConfig | None = None,
+        rng=None,
+        dtype=np.float32,
+        strides: Sequence[int] | None = None,
     ):
         self.config = config = config if config is not None else RPNConfig()
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_generator(rng)
         self.anchor_generator = AnchorGenerator(config.anchor_sizes, config.aspect_ratios)
         num_anchors = self.anchor_generator.num_anchors_per_location()
         if len(set(num_anchors)) != 1:
@@ -185,6 +118,7 @@ class RPN(Module):
                 f"a head shared over levels needs the same anchors per position on every level, "
                 f"got {num_anchors}"
             )
+        self.strides = _check_strides(strides, len(num_anchors))
         self.head = RPNHead(in_channels, num_anchors[0], config.logits_per_anchor, rng, dtype)
         self.box_coder = BoxCoder(config.box_coder_weights)
         self.matcher = Matcher(
@@ -193,83 +127,84 @@ class RPN(Module):
         self.sampler = BalancedPositiveNegativeSampler(
             config.batch_size_per_image, config.positive_fraction, rng
         )
-        self._grads = None
+        self.cache: _RPNCache | None = None
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
         self,
-        features: Sequence,
+        features: Mapping | Sequence,
         image_sizes: Sequence[tuple[int, int]],
         targets: Sequence[dict] | None = None,
         batch_shape: tuple[int, int] | None = None,
     ) -> tuple[list, dict]:
         """Proposals for every image, and the RPN losses when ``targets`` are given.
 
-        features: list of (N, C, H_l, W_l) float arrays, finest level first.
-        image_sizes: N pairs ``(h, w)``: each image's size before padding (proposals are clipped
-            to it).
-        targets: optional list of N dicts with ``"boxes"``: (G_i, 4) ground truth in pixels.
-        batch_shape: ``(H, W)`` of the padded batch the features came from; the stride of a
-            level is ``batch_shape // feature shape``. Default: the largest image size, right
-            only when the batch was padded to exactly that -- pass it when padding to a
-            multiple of 32.
+        features: ``{name: (N, C, H_l, W_l)}`` or a list of them, finest level first.
+        image_sizes: N pairs ``(h, w)``, each image's size before padding (proposals are clipped
+            to it). targets: optional N dicts with ``"boxes"``: (G_i, 4) in pixels.
+        batch_shape: ``(H, W)`` of the padded batch: anchors live on its grid (default: the
+            largest image size). With ``strides``, each level must be ``ceil(batch / stride)``.
 
-        Returns ``(proposals, losses)``: a list of N (K_i, 4) arrays, best first (no gradient
-        flows into them; their object probabilities are kept in ``self.proposal_scores``), and
-        ``{"loss_objectness", "loss_rpn_box_reg"}`` as floats (empty without targets). After a
-        forward with targets, :meth:`backward` gives the gradients.
+        Returns ``(proposals, losses)``: N (K_i, 4) arrays, best first, without gradient (their
+        object probabilities are in ``self.proposal_scores``), and ``{"loss_objectness",
+        "loss_rpn_box_reg"}`` as floats (empty without targets; then :meth:`backward`).
         """
-        features = list(features)
+        names, features = _split_levels(features)
         self._check_inputs(features, image_sizes, targets)
-        xp = get_xp(features[0])
-        num_images = features[0].shape[0]
         if batch_shape is None:
             batch_shape = (max(int(h) for h, _ in image_sizes), max(int(w) for _, w in image_sizes))
         feature_shapes = [tuple(f.shape[-2:]) for f in features]
+        _check_level_sizes(feature_shapes, self.strides, batch_shape, names)
+        xp = get_xp(features[0])
+        anchors = xp.asarray(self.anchor_generator(batch_shape, feature_shapes, features[0].dtype))
 
         objectness, deltas = self.head(features)
-        anchors = xp.asarray(self.anchor_generator(batch_shape, feature_shapes, features[0].dtype))
-        num_anchors_per_level = self.anchor_generator.num_anchors_per_level(feature_shapes)
-
         # (N, A*k, H, W) per level -> (N, sum_l H_l W_l A, k): row order = anchor order
         flat_logits = xp.concatenate(
             [_flatten_level(o, self.head.num_anchors) for o in objectness], 1
         )
         flat_deltas = xp.concatenate([_flatten_level(d, self.head.num_anchors) for d in deltas], 1)
-        object_logit = self.object_logit(flat_logits)  # (N, T) log-odds of "object"
 
         # proposals carry no gradient: nothing below is differentiated
+        num_images = features[0].shape[0]
         proposals = self.box_coder.decode(
             flat_deltas.reshape(-1, 4), xp.tile(anchors, (num_images, 1))
         ).reshape(num_images, -1, 4)
         boxes, self.proposal_scores = self.filter_proposals(
-            proposals, object_logit, image_sizes, num_anchors_per_level
+            proposals,
+            self.object_logit(flat_logits),  # (N, T) log-odds of "object"
+            image_sizes,
+            self.anchor_generator.num_anchors_per_level(feature_shapes),
         )
+        self.cache = None
+        if targets is None:
+            return boxes, {}
+        labels, regression_targets = self.assign_targets_to_anchors(anchors, targets)
+        loss_obj, loss_box, g_logits, g_deltas = self.compute_loss(
+            flat_logits, flat_deltas, labels, regression_targets
+        )
+        self.cache = _RPNCache(
+            names,
+            _unflatten_levels(g_logits, objectness, self.head.num_anchors),
+            _unflatten_levels(g_deltas, deltas, self.head.num_anchors),
+        )
+        return boxes, {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_box}
 
-        losses: dict = {}
-        self._grads = None
-        if targets is not None:
-            labels, regression_targets = self.assign_targets_to_anchors(anchors, targets)
-            loss_obj, loss_box, g_logits, g_deltas = self.compute_loss(
-                flat_logits, flat_deltas, labels, regression_targets
-            )
-            losses = {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_box}
-            self._grads = (
-                _unflatten_levels(g_logits, objectness, self.head.num_anchors),
-                _unflatten_levels(g_deltas, deltas, self.head.num_anchors),
-            )
-        return boxes, losses
-
-    def backward(self, objectness_weight: float = 1.0, box_weight: float = 1.0) -> list:
-        """Back-propagate ``objectness_weight * loss_objectness + box_weight * loss_rpn_box_reg``
-        of the last forward: accumulates the head's ``.grad`` and returns the gradient of every
-        feature level, a list of (N, C, H_l, W_l) for the backbone."""
-        if self._grads is None:
+    def backward(self, objectness_weight: float = 1.0, box_weight: float = 1.0):
+        """Back-propagate ``loss_objectness + loss_rpn_box_reg`` of the last forward (each
+        optionally weighted): accumulates the head's ``.grad`` and returns the gradient of every
+        feature level, (N, C, H_l, W_l) each, as a dict by level name when the features came as
+        a dict, else as a list."""
+        if self.cache is None:
             raise RuntimeError("RPN.backward needs a forward with targets first (no losses yet)")
-        g_logits, g_deltas = self._grads
-        return self.head.backward(
-            [objectness_weight * g for g in g_logits], [box_weight * g for g in g_deltas]
+        c = self.cache
+        grads = self.head.backward(
+            (
+                [objectness_weight * g for g in c.grad_objectness],
+                [box_weight * g for g in c.grad_deltas],
+            )
         )
+        return grads if c.names is None else dict(zip(c.names, grads, strict=True))
 
     # -- the stages, public so the notebooks can show each one -----------------------------------
     def object_logit(self, flat_logits):
@@ -424,6 +359,54 @@ class RPN(Module):
                     check_order=True,
                     finite=True,
                 )
+
+
+class _RPNCache(NamedTuple):
+    """The loss gradients of the last forward, per level, waiting for ``backward()``."""
+
+    names: tuple | None  # the levels' names when the features came as a dict
+    grad_objectness: list  # (N, A*k, H_l, W_l) per level
+    grad_deltas: list  # (N, A*4, H_l, W_l) per level
+
+
+def _split_levels(features) -> tuple[tuple | None, list]:
+    """``{name: map}`` -> (names, maps); a list or tuple -> (None, maps)."""
+    if isinstance(features, Mapping):
+        return tuple(features), list(features.values())
+    return None, list(features)
+
+
+def _check_strides(strides, num_levels: int) -> tuple[int, ...] | None:
+    if strides is None:
+        return None
+    strides = tuple(strides)
+    if len(strides) != num_levels or not all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in strides
+    ):
+        raise ValueError(
+            f"strides must be {num_levels} positive ints, one per anchor level, got {strides!r}"
+        )
+    return tuple(int(s) for s in strides)
+
+
+def _check_level_sizes(feature_shapes, strides, batch_shape, names) -> None:
+    """Each level of a batch padded to ``batch_shape`` measures ``ceil(batch / stride)``: a
+    level given in the wrong order or from another backbone fails here, not as bad anchors.
+
+    The anchors themselves are spaced by ``batch // level size`` (torchvision's rule, see
+    ``AnchorGenerator.strides``), which equals the stride except on P6 when the padded size is
+    an odd multiple of 32 (800 rows over 13 cells: a step of 61)."""
+    if strides is None:
+        return
+    for i, (shape, stride) in enumerate(zip(feature_shapes, strides, strict=True)):
+        want = tuple(-(-int(b) // stride) for b in batch_shape)
+        if tuple(shape) != want:
+            name = names[i] if names is not None else f"level {i}"
+            raise ValueError(
+                f"feature map {name!r} is {tuple(shape)}, but a {tuple(batch_shape)} batch at "
+                f"the declared stride {stride} gives {want}; pass the levels finest first with "
+                "their batch_shape"
+            )
 
 
 def _gt_boxes(target: dict, xp, dtype):

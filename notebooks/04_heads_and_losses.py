@@ -24,41 +24,26 @@
 #    counts, and the other channels get a gradient of exactly zero;
 # 5. RoIAlign versus RoIPool for making the targets.
 #
-# The math is in `docs/heads_and_losses.md`; the code in `mrcnn_edu/mask_rcnn.py` and
-# `mrcnn_edu/heads.py`.
+# The math is in `docs/heads_and_losses.md`; the code in `mrcnn_edu/roi_heads.py` (the second
+# stage as one module, `model.roi_heads`) and `mrcnn_edu/heads.py` (the two head networks).
 
 # %%
 import os
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
 
 from mrcnn_edu.boxes import box_iou
 from mrcnn_edu.data.shapes import ShapesDataset
-from mrcnn_edu.heads import fastrcnn_loss, maskrcnn_loss
 from mrcnn_edu.mask_rcnn import MaskRCNN, MaskRCNNConfig
 from mrcnn_edu.nn.losses import sigmoid, softmax_cross_entropy
 from mrcnn_edu.postprocess import paste_masks_in_image
+from mrcnn_edu.roi_heads import fastrcnn_loss, maskrcnn_loss
 from mrcnn_edu.roi_ops import roi_align, roi_pool
+from mrcnn_edu.visualize import draw_boxes, show_image
 
 QUICK = os.environ.get("MRCNN_EDU_QUICK") == "1"
 NUM_COMPARE = 12 if QUICK else 60  # images used in the RoIAlign / RoIPool comparison
-
-
-def draw_boxes(ax, boxes, colour, lw=1.0, ls="-", alpha=1.0):
-    for x1, y1, x2, y2 in np.asarray(boxes, dtype=float):
-        ax.add_patch(
-            Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=lw, ls=ls,
-                      alpha=alpha)
-        )  # fmt: skip
-
-
-def show(ax, image, title=""):
-    ax.imshow(image.transpose(1, 2, 0), extent=(0, image.shape[2], image.shape[1], 0))
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-
 
 # %% [markdown]
 # ## A model and one batch
@@ -71,6 +56,7 @@ def show(ax, image, title=""):
 # %%
 K = 3
 model = MaskRCNN(MaskRCNNConfig.small(K), rng=0)
+heads = model.roi_heads  # the second stage: sampling, poolers, box and mask heads, losses
 dataset = ShapesDataset(40, seed=5)
 class_names = dataset.class_names
 absent = K  # the class we keep out of the batch: label 3
@@ -93,7 +79,7 @@ features = model.backbone(batch)
 proposals, rpn_losses = model.rpn(
     features, image_sizes, targets, batch_shape=tuple(batch.shape[-2:])
 )
-print("batch", batch.shape, "| P2..P6:", [f.shape[-2:] for f in features])
+print("batch", batch.shape, "|", {name: f.shape[-2:] for name, f in features.items()})
 print("proposals per image:", [p.shape for p in proposals])
 
 # %% [markdown]
@@ -106,7 +92,7 @@ print("proposals per image:", [p.shape for p in proposals])
 # matched GT box (needed for the mask target).
 
 # %%
-rois, labels, regression_targets, matched = model.select_training_samples(proposals, targets)
+rois, labels, regression_targets, matched = heads.select_training_samples(proposals, targets)
 for i, (r, lab) in enumerate(zip(rois, labels)):
     n_gt = len(targets[i]["boxes"])
     print(
@@ -119,11 +105,13 @@ colours = ["white", "cyan", "orange", "lime", "magenta"]
 fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
 for i in range(2):
     gt = targets[i]["boxes"]
-    show(axes[2 * i], images[i], f"image {i}: {len(proposals[i])} proposals (yellow), GT (dashed)")
+    show_image(
+        axes[2 * i], images[i], f"image {i}: {len(proposals[i])} proposals (yellow), GT (dashed)"
+    )
     draw_boxes(axes[2 * i], proposals[i], "yellow", lw=0.5, alpha=0.5)
     draw_boxes(axes[2 * i], gt, "white", lw=2, ls="--")
     ax = axes[2 * i + 1]
-    show(ax, images[i], "sampled: negatives (red), positives by GT")
+    show_image(ax, images[i], "sampled: negatives (red), positives by GT")
     neg = rois[i][labels[i] == 0]
     draw_boxes(ax, neg, "red", lw=0.5, alpha=0.6)
     for g in range(len(gt)):
@@ -143,10 +131,8 @@ plt.show()
 # RoIs come from P2:
 
 # %%
-pooled = dict(zip(["p2", "p3", "p4", "p5"], features[:4]))
-batch_hw = [tuple(batch.shape[-2:])] * len(images)
-box_features = model.box_roi_pool(pooled, rois, batch_hw)  # (R, C, 7, 7)
-levels = model.box_roi_pool.cache["levels"]
+box_features = heads.box_roi_pool(features, rois, image_sizes)  # (R, C, 7, 7)
+levels = heads.box_roi_pool.cache.levels
 print("RoIs per level P2..P5:", np.bincount(levels, minlength=4).tolist())
 print("pooled box features:", box_features.shape)
 
@@ -162,7 +148,7 @@ print("pooled box features:", box_features.shape)
 #   \ell_\beta\big(d_{i,\,4y_i+j} - t_{ij}\big)$$
 
 # %%
-class_logits, box_deltas = model.box_predictor(model.box_head(box_features))
+class_logits, box_deltas = heads.box_predictor(heads.box_head(box_features))
 all_labels = np.concatenate(labels)
 loss_cls, loss_box, g_logits, g_deltas = fastrcnn_loss(
     class_logits, box_deltas, all_labels, np.concatenate(regression_targets)
@@ -199,7 +185,7 @@ print("negative RoIs: any delta gradient?", bool(np.any(g_deltas[all_labels == 0
 pos_rois = [r[lab > 0] for r, lab in zip(rois, labels)]
 pos_matched = [m[lab > 0] for m, lab in zip(matched, labels)]
 pos_labels = all_labels[all_labels > 0]
-mask_targets = model.mask_targets(pos_rois, pos_matched, targets)
+mask_targets = heads.mask_targets(pos_rois, pos_matched, targets)
 pos_image = np.concatenate([np.full(len(r), i) for i, r in enumerate(pos_rois)])
 pos_boxes = np.concatenate(pos_rois)
 print("mask targets:", mask_targets.shape, mask_targets.dtype,
@@ -213,7 +199,7 @@ fig, axes = plt.subplots(2, len(order), figsize=(2.2 * len(order), 4.6), squeeze
 for col, j in enumerate(order):
     x1, y1, x2, y2 = pos_boxes[j]
     ax = axes[0, col]
-    show(ax, images[pos_image[j]], f"RoI {j}: {class_names[pos_labels[j] - 1]}")
+    show_image(ax, images[pos_image[j]], f"RoI {j}: {class_names[pos_labels[j] - 1]}")
     draw_boxes(ax, pos_boxes[j : j + 1], "yellow", lw=1.5)
     pad = 6
     ax.set_xlim(x1 - pad, x2 + pad), ax.set_ylim(y2 + pad, y1 - pad)
@@ -239,10 +225,10 @@ views = np.stack(
         gt_box + [-0.15 * w, -0.15 * h, 0.15 * w, 0.15 * h],
     ]
 ).astype(np.float32)
-view_targets = model.mask_targets([views], [np.full(3, obj)], targets[:1])
+view_targets = heads.mask_targets([views], [np.full(3, obj)], targets[:1])
 print("IoU of each RoI with the GT box:", box_iou(gt_box[None], views).round(2)[0].tolist())
 fig, axes = plt.subplots(1, 4, figsize=(11, 2.9))
-show(axes[0], images[0], "three RoIs of one object")
+show_image(axes[0], images[0], "three RoIs of one object")
 for b, c in zip(views, ["white", "cyan", "orange"]):
     draw_boxes(axes[0], b[None], c, lw=1.5)
 for j, c in enumerate(["white (GT box)", "cyan (shifted)", "orange (too large)"]):
@@ -263,8 +249,8 @@ plt.show()
 #   \mathrm{BCE}\big(m_{i,\,y_i,\,u,v},\ t_{i,u,v}\big)$$
 
 # %%
-mask_features = model.mask_roi_pool(pooled, pos_rois, batch_hw)  # (P, C, 14, 14)
-mask_logits = model.mask_predictor(model.mask_head(mask_features))  # (P, K, 28, 28)
+mask_features = heads.mask_roi_pool(features, pos_rois, image_sizes)  # (P, C, 14, 14)
+mask_logits = heads.mask_predictor(heads.mask_head(mask_features))  # (P, K, 28, 28)
 print("mask features", mask_features.shape, "-> mask logits", mask_logits.shape)
 
 j = 0  # one positive RoI
@@ -340,8 +326,8 @@ model.zero_grad()
 losses = model.forward(images, [{k: it[k] for k in ("boxes", "labels", "masks")} for it in items])
 model.backward()
 print({k: round(v, 4) for k, v in losses.items()})
-w_grad = model.mask_predictor.mask_fcn_logits.weight.grad  # (K, C, 1, 1)
-b_grad = model.mask_predictor.mask_fcn_logits.bias.grad  # (K,)
+w_grad = heads.mask_predictor.mask_fcn_logits.weight.grad  # (K, C, 1, 1)
+b_grad = heads.mask_predictor.mask_fcn_logits.bias.grad  # (K,)
 for k in range(K):
     print(
         f"class {k + 1} ({class_names[k]:8s}): |weight grad| max {np.abs(w_grad[k]).max():.3e}, "
@@ -349,7 +335,7 @@ for k in range(K):
     )
 print(
     "shared mask_fcn4 weight: |grad| max",
-    f"{np.abs(model.mask_head.mask_fcn4.weight.grad).max():.3e}",
+    f"{np.abs(heads.mask_head.mask_fcn4.weight.grad).max():.3e}",
 )
 assert not np.any(w_grad[absent - 1]) and b_grad[absent - 1] == 0
 
@@ -441,7 +427,7 @@ for name, v in scores.items():
 examples.sort(key=lambda e: e[0])
 _, image, roi, exact, outs = examples[len(examples) // 2]
 fig, axes = plt.subplots(1, 5, figsize=(14, 2.9))
-show(axes[0], image, "a jittered RoI")
+show_image(axes[0], image, "a jittered RoI")
 draw_boxes(axes[0], roi[None], "yellow", lw=1.5)
 panels = [("exact coverage", exact)] + list(outs.items())
 for ax, (name, t) in zip(axes[1:], panels):
@@ -497,7 +483,7 @@ for aligned, v in round_trip.items():
 # With torchvision's `aligned=False` targets and a pixel-centre paste, a perfect mask head would
 # still land its masks about a third to a half pixel up and to the left, losing around 5% of
 # mask IoU on these small objects, most on the smallest. That matters for AP at the strict IoU
-# thresholds; chapter 6 measures the cost in COCO AP. This is why `MaskRCNN.mask_targets` makes
+# thresholds; chapter 6 measures the cost in COCO AP. This is why `RoIHeads.mask_targets` makes
 # its targets with `aligned=True`, as Detectron2 does: consistent with the paste, the round trip
 # is nearly lossless.
 #

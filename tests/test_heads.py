@@ -2,21 +2,12 @@
 
 import numpy as np
 import pytest
+from helpers import rand
 
-from mrcnn_edu.heads import (
-    FastRCNNPredictor,
-    MaskHead,
-    MaskRCNNPredictor,
-    TwoMLPHead,
-    fastrcnn_loss,
-    maskrcnn_loss,
-)
+from mrcnn_edu.heads import FastRCNNPredictor, MaskHead, MaskRCNNPredictor, TwoMLPHead
 from mrcnn_edu.nn.gradcheck import assert_close_grad, check_module, numerical_gradient
 from mrcnn_edu.nn.losses import sigmoid
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
+from mrcnn_edu.roi_heads import fastrcnn_loss, maskrcnn_loss
 
 
 def test_two_mlp_head_gradcheck():
@@ -40,7 +31,7 @@ def test_box_predictor_gradcheck():
     assert logits.shape == (3, 4) and deltas.shape == (3, 16)
     g1, g2 = rand(3, 4, seed=1), rand(3, 16, seed=2)
     pred.zero_grad()
-    gx = pred.backward(g1, g2)
+    gx = pred.backward((g1, g2))
 
     def loss():
         a, b = pred(x)

@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
+from helpers import tiny_resnet
 
-from mrcnn_edu.backbone import BackboneConfig, ResNetConfig
+from mrcnn_edu.backbone import BackboneConfig
 from mrcnn_edu.data.shapes import ShapesDataset
-from mrcnn_edu.mask_rcnn import LOSS_NAMES, MaskRCNN, MaskRCNNConfig, RoIHeadsConfig
+from mrcnn_edu.mask_rcnn import LOSS_NAMES, MaskRCNN, MaskRCNNConfig
 from mrcnn_edu.nn.gradcheck import check_params_sampled
+from mrcnn_edu.roi_heads import RoIHeadsConfig
 from mrcnn_edu.rpn import RPNConfig
 
 
@@ -14,15 +16,7 @@ def tiny_config(num_classes=2):
     return MaskRCNNConfig(
         num_classes=num_classes,
         backbone=BackboneConfig(
-            resnet=ResNetConfig(
-                depth=None,
-                blocks=(1, 1, 1, 1),
-                stem_channels=4,
-                widths=(2, 2, 2, 2),
-                expansion=2,
-                norm="gn",
-                gn_groups=2,
-            ),
+            resnet=tiny_resnet(),
             fpn_channels=4,
         ),
         rpn=RPNConfig(
@@ -94,7 +88,7 @@ def test_whole_model_gradcheck_float64():
     total_loss()
     model.zero_grad()
     model.backward()
-    assert model.mask_predictor.mask_fcn_logits.weight.grad.any()
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.any()
     n = check_params_sampled(
         total_loss, model.named_parameters(), num_entries=2, rtol=1e-4, atol=1e-7
     )
@@ -111,7 +105,7 @@ def test_mask_loss_gradient_reaches_only_gt_class_logit_weights():
     model.forward(images, targets)
     model.zero_grad()
     model.backward()
-    g = model.mask_predictor.mask_fcn_logits.weight.grad
+    g = model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad
     assert np.all(g[1] == 0) and np.any(g[0] != 0)
 
 
@@ -190,7 +184,7 @@ def test_mask_targets_pasted_back_reproduce_the_gt_masks():
     for i in range(len(ds)):
         it = ds[i]
         g = len(it["labels"])
-        targets = model.mask_targets([it["boxes"]], [np.arange(g)], [it])
+        targets = model.roi_heads.mask_targets([it["boxes"]], [np.arange(g)], [it])
         pasted = paste_masks_in_image(targets, it["boxes"], (96, 96))
         for p, m in zip(pasted.astype(bool), it["masks"].astype(bool)):
             ious.append((p & m).sum() / (p | m).sum())

@@ -1,0 +1,330 @@
+"""The second stage of Mask R-CNN: from proposals to classes, refined boxes and masks.
+
+Training, for each image (paper Sec. 3.1, "Training")::
+
+    proposals + GT boxes ─ match (IoU 0.5) ─ sample 512 RoIs at <= 25% positives
+    P2..P5 ─ RoIAlign 7x7 (each RoI on its FPN level) ─ box head ─ class logits, box deltas
+                                             + loss_classifier, loss_box_reg (GT class only)
+    positive RoIs ─ RoIAlign 14x14 ─ mask head ─ K mask logits at 28x28
+                                             + loss_mask (BCE on the GT class channel only)
+
+Inference: the same box branch on the proposals, then post-processing (per-class boxes, score
+threshold, per-class NMS, the best 100), then the mask branch on the *final* boxes, keeping only
+the predicted class's mask (the paper's inference order, Sec. 3.1 "Inference").
+
+``RoIHeads`` owns all of it: the two poolers, the heads, the matcher and sampler, the losses.
+``forward`` computes the loss gradients right away (``self.cache``); ``backward()`` sends them
+through the heads and poolers and returns ``{level name: gradient}`` for the backbone.
+The heads themselves are in ``heads.py``, detection post-processing in ``postprocess.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import get_xp
+from .boxes import BoxCoder, box_iou
+from .heads import FastRCNNPredictor, MaskHead, MaskRCNNPredictor, TwoMLPHead
+from .matching import BalancedPositiveNegativeSampler, Matcher
+from .nn.losses import binary_cross_entropy_with_logits, sigmoid, smooth_l1, softmax_cross_entropy
+from .nn.module import Module
+from .nn.utils import add_named_grads, as_generator
+from .postprocess import postprocess_detections
+from .roi_ops import MultiScaleRoIAlign, roi_align
+
+
+@dataclass
+class RoIHeadsConfig:
+    """Box and mask heads; defaults are the paper's / torchvision's."""
+
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    box_coder_weights: tuple = (10.0, 10.0, 5.0, 5.0)
+    box_loss_beta: float = 1.0 / 9
+    representation_size: int = 1024
+    box_pool_size: int = 7
+    mask_pool_size: int = 14
+    mask_size: int = 28
+    sampling_ratio: int = 2
+    aligned: bool = False  # torchvision's Mask R-CNN pools with aligned=False; Detectron2: True
+    mask_channels: int = 256
+    mask_num_convs: int = 4
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+    def __post_init__(self):
+        if self.mask_size != 2 * self.mask_pool_size:
+            raise ValueError(
+                f"mask_size ({self.mask_size}) must be twice mask_pool_size "
+                f"({self.mask_pool_size}): the mask head upsamples by a 2x deconvolution"
+            )
+        if not 0 < self.positive_fraction <= 1 or self.batch_size_per_image < 1:
+            raise ValueError("need batch_size_per_image >= 1 and 0 < positive_fraction <= 1")
+
+
+class SampledRoIs(NamedTuple):
+    """Per-image lists from :meth:`RoIHeads.select_training_samples`."""
+
+    rois: list  # (S_i, 4) boxes in image pixels
+    labels: list  # (S_i,) int64 class, 0 = background
+    regression_targets: list  # (S_i, 4) encoded matched GT box (used where label > 0)
+    matched_idxs: list  # (S_i,) index of the matched GT box (meaningful where label > 0)
+
+
+class _RoIHeadsCache(NamedTuple):
+    """The loss gradients of the last training forward, waiting for ``backward()``."""
+
+    grad_logits: object  # (R, K+1)
+    grad_deltas: object  # (R, 4(K+1))
+    grad_mask: object  # (P, K, M, M), None when the batch had no positive RoI
+
+
+class RoIHeads(Module):
+    """Sampling, the box branch and the mask branch, with their losses.
+
+    in_channels: C of the pooled feature maps. num_classes: K object classes (no background).
+    featmap_names / strides: the levels the poolers read and their declared strides
+    (``ResNetFPN.roi_levels`` and their ``ResNetFPN.strides``). rng: a seed or the Generator
+    shared with the RPN; it initialises the heads and drives the RoI sampler.
+
+    Parameter names follow torchvision's (``roi_heads.box_head.fc6`` ...).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        config: RoIHeadsConfig | None = None,
+        featmap_names=("p2", "p3", "p4", "p5"),
+        strides=(4, 8, 16, 32),
+        rng=None,
+    ):
+        self.config = rh = config if config is not None else RoIHeadsConfig()
+        rng = as_generator(rng)
+        names, strides = list(featmap_names), list(strides)
+        pool = dict(sampling_ratio=rh.sampling_ratio, aligned=rh.aligned, strides=strides)
+        self.box_roi_pool = MultiScaleRoIAlign(names, rh.box_pool_size, **pool)
+        self.mask_roi_pool = MultiScaleRoIAlign(names, rh.mask_pool_size, **pool)
+        self.box_head = TwoMLPHead(in_channels * rh.box_pool_size**2, rh.representation_size, rng)
+        self.box_predictor = FastRCNNPredictor(rh.representation_size, num_classes + 1, rng)
+        self.mask_head = MaskHead(in_channels, rh.mask_channels, rh.mask_num_convs, rng)
+        self.mask_predictor = MaskRCNNPredictor(
+            rh.mask_channels, rh.mask_channels, num_classes, rng
+        )
+        self.box_coder = BoxCoder(rh.box_coder_weights)
+        self.proposal_matcher = Matcher(rh.fg_iou_thresh, rh.bg_iou_thresh, False)
+        self.fg_bg_sampler = BalancedPositiveNegativeSampler(
+            rh.batch_size_per_image, rh.positive_fraction, rng
+        )
+        self.cache: _RoIHeadsCache | None = None
+
+    def forward(self, features: dict, proposals: list, image_sizes: list, targets=None):
+        """features: ``{name: (N, C, H_l, W_l)}``; proposals: N arrays (R_i, 4); image_sizes: N
+        ``(h, w)`` before padding; targets: N dicts (``boxes``, ``labels``, ``masks``) to train.
+
+        Returns ``(detections, losses)``: with targets, ``([], {"loss_classifier",
+        "loss_box_reg", "loss_mask"})`` and the gradients kept for :meth:`backward`; without,
+        ``(detections, {})``, one dict per image with ``boxes`` (D, 4), ``labels`` (D,) in
+        1..K, ``scores`` (D,) and ``mask_probs`` (D, M, M) of each box's predicted class."""
+        self.cache = None
+        if targets is None:
+            return self.detect(features, proposals, image_sizes), {}
+        sampled = self.select_training_samples(proposals, targets)
+        loss_cls, loss_box, g_logits, g_deltas = self._box_branch_loss(
+            features, sampled, image_sizes
+        )
+        loss_mask, g_mask = self._mask_branch_loss(features, sampled, targets, image_sizes)
+        self.cache = _RoIHeadsCache(g_logits, g_deltas, g_mask)
+        return [], {"loss_classifier": loss_cls, "loss_box_reg": loss_box, "loss_mask": loss_mask}
+
+    def backward(self) -> dict:
+        """Gradients of the three losses of the last training forward -> ``{level name:
+        (N, C, H_l, W_l)}`` for the pooled levels; parameter gradients go into ``.grad``."""
+        if self.cache is None:
+            raise RuntimeError("RoIHeads.backward() needs a training forward first (with targets)")
+        c = self.cache
+        feature_grads: dict = {}
+        # the mask branch: mask predictor -> mask head -> its RoIAlign -> P2..P5
+        if c.grad_mask is not None:
+            g = self.mask_head.backward(self.mask_predictor.backward(c.grad_mask))
+            add_named_grads(feature_grads, self.mask_roi_pool.backward(g))
+        # the box branch: box predictor -> box head -> its RoIAlign -> P2..P5
+        g = self.box_head.backward(self.box_predictor.backward((c.grad_logits, c.grad_deltas)))
+        add_named_grads(feature_grads, self.box_roi_pool.backward(g))
+        self.cache = None
+        return feature_grads
+
+    # -- training ------------------------------------------------------------------------------
+    def select_training_samples(self, proposals, targets) -> SampledRoIs:
+        """Add the GT boxes to the proposals, match them to GT at IoU 0.5, and sample
+        ``batch_size_per_image`` RoIs with at most ``positive_fraction`` positives, per image."""
+        out = SampledRoIs([], [], [], [])
+        for props, tgt in zip(proposals, targets):
+            xp = get_xp(props)
+            gt_boxes = tgt["boxes"].astype(props.dtype)
+            props = xp.concatenate([props, gt_boxes], axis=0)
+            if gt_boxes.shape[0] == 0:
+                matched = xp.zeros(props.shape[0], dtype=np.int64)
+                lab = xp.zeros(props.shape[0], dtype=np.int64)
+            else:
+                matched_raw = self.proposal_matcher(box_iou(gt_boxes, props))
+                matched = xp.maximum(matched_raw, 0)
+                lab = tgt["labels"][matched].astype(np.int64)
+                lab[matched_raw == Matcher.BELOW_LOW_THRESHOLD] = 0
+                lab[matched_raw == Matcher.BETWEEN_THRESHOLDS] = -1
+            pos, neg = self.fg_bg_sampler([lab])
+            keep = xp.flatnonzero(pos[0] | neg[0])
+            props, lab, matched = props[keep], lab[keep], matched[keep]
+            if gt_boxes.shape[0] == 0:
+                reg = xp.zeros((props.shape[0], 4), dtype=props.dtype)
+            else:
+                reg = self.box_coder.encode(gt_boxes[matched], props)
+            for part, value in zip(out, (props, lab, reg, matched)):
+                part.append(value)
+        return out
+
+    def mask_targets(self, pos_rois, pos_matched, targets):
+        """(P, M, M) mask targets: each positive RoI's matched GT mask, RoIAligned onto the RoI
+        (spatial scale 1, as the paper: "the intersection between an RoI and its GT mask").
+
+        The crop uses ``aligned=True`` (Detectron2's choice; torchvision uses False): GT mask
+        pixel j covers [j, j+1), and ``paste_masks_in_image`` puts the predicted masks back with
+        that same pixel-centre model. With ``aligned=False`` targets, a perfectly learned mask
+        comes back shifted by about half a pixel, which caps segm AP on the demo's shapes at
+        0.90 (notebook 06 measures this ceiling)."""
+        m = self.config.mask_size
+        out = []
+        for rois, matched, tgt in zip(pos_rois, pos_matched, targets):
+            if rois.shape[0] == 0:
+                continue
+            xp = get_xp(rois)
+            gt_masks = tgt["masks"][:, None].astype(rois.dtype)
+            roi_rows = xp.concatenate([matched[:, None].astype(rois.dtype), rois], axis=1)
+            t = roi_align(gt_masks, roi_rows, (m, m), 1.0, -1, True)[:, 0]
+            # bilinear weights sum to 1 only up to rounding: 1.0000001 is not a valid BCE target
+            out.append(xp.clip(t, 0.0, 1.0))
+        if not out:
+            return np.zeros((0, m, m), np.float32)
+        return get_xp(out[0]).concatenate(out, axis=0)
+
+    def _box_branch_loss(self, features, sampled: SampledRoIs, image_sizes):
+        xp = get_xp(sampled.rois[0])
+        box_feats = self.box_roi_pool(features, sampled.rois, image_sizes)
+        class_logits, box_deltas = self.box_predictor(self.box_head(box_feats))
+        return fastrcnn_loss(
+            class_logits,
+            box_deltas,
+            xp.concatenate(sampled.labels),
+            xp.concatenate(sampled.regression_targets),
+            self.config.box_loss_beta,
+        )
+
+    def _mask_branch_loss(self, features, sampled: SampledRoIs, targets, image_sizes):
+        """The mask branch runs on the positive RoIs only."""
+        positive = [lab > 0 for lab in sampled.labels]
+        pos_rois = [r[p] for r, p in zip(sampled.rois, positive)]
+        pos_labels = get_xp(sampled.rois[0]).concatenate(sampled.labels)
+        pos_labels = pos_labels[pos_labels > 0]
+        mask_targets = self.mask_targets(
+            pos_rois, [m[p] for m, p in zip(sampled.matched_idxs, positive)], targets
+        )
+        if not pos_labels.size:
+            return 0.0, None
+        mask_feats = self.mask_roi_pool(features, pos_rois, image_sizes)
+        mask_logits = self.mask_predictor(self.mask_head(mask_feats))
+        return maskrcnn_loss(mask_logits, pos_labels, mask_targets)
+
+    # -- inference -----------------------------------------------------------------------------
+    def detect(self, features, proposals, image_sizes) -> list[dict]:
+        """The inference path: box branch -> post-processing -> mask branch on the final boxes
+        (per image ``boxes``, ``labels``, ``scores``, ``mask_probs`` of the predicted class)."""
+        rh = self.config
+        box_feats = self.box_roi_pool(features, proposals, image_sizes)
+        class_logits, box_deltas = self.box_predictor(self.box_head(box_feats))
+        detections, start = [], 0
+        for props, size in zip(proposals, image_sizes):
+            stop = start + props.shape[0]
+            boxes, scores, labels = postprocess_detections(
+                class_logits[start:stop],
+                box_deltas[start:stop],
+                props,
+                size,
+                self.box_coder,
+                rh.score_thresh,
+                rh.nms_thresh,
+                rh.detections_per_img,
+            )
+            start = stop
+            detections.append({"boxes": boxes, "labels": labels, "scores": scores})
+        det_boxes = [d["boxes"] for d in detections]
+        if sum(b.shape[0] for b in det_boxes):
+            mask_feats = self.mask_roi_pool(features, det_boxes, image_sizes)
+            mask_logits = self.mask_predictor(self.mask_head(mask_feats))
+        start, m = 0, rh.mask_size
+        for d in detections:
+            n, xp = d["boxes"].shape[0], get_xp(d["boxes"])
+            if n == 0:
+                d["mask_probs"] = xp.zeros((0, m, m), dtype=d["boxes"].dtype)
+                continue
+            logits = mask_logits[start : start + n]
+            start += n
+            d["mask_probs"] = sigmoid(logits[xp.arange(n), d["labels"] - 1])
+        return detections
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses of the RoI heads
+# ------------------------------------------------------------------------------------------------
+def fastrcnn_loss(class_logits, box_deltas, labels, regression_targets, beta: float = 1.0 / 9):
+    """Classification and box-regression losses of the sampled RoIs.
+
+    class_logits: (R, K+1); box_deltas: (R, 4(K+1)); labels: (R,) int in 0..K (0 = background);
+    regression_targets: (R, 4) encoded GT boxes (only rows with label > 0 are used).
+
+    Returns ``(loss_classifier, loss_box_reg, grad_logits, grad_deltas)``. The box loss uses the
+    deltas of each positive RoI's GT class only, and is normalised by R (all sampled RoIs, not
+    only positives), as torchvision and Detectron do.
+    """
+    xp = get_xp(class_logits)
+    r = class_logits.shape[0]
+    loss_cls, grad_logits = softmax_cross_entropy(class_logits, labels)
+    grad_deltas = xp.zeros_like(box_deltas)
+    pos = xp.flatnonzero(labels > 0)
+    if pos.size == 0 or r == 0:
+        return loss_cls, 0.0, grad_logits, grad_deltas
+    cols = 4 * labels[pos][:, None] + xp.arange(4)[None, :]  # the GT class's four deltas
+    rows = pos[:, None]
+    loss_box, g = smooth_l1(box_deltas[rows, cols], regression_targets[pos], beta, "sum")
+    grad_deltas[rows, cols] = g / r
+    return loss_cls, loss_box / r, grad_logits, grad_deltas
+
+
+def maskrcnn_loss(mask_logits, labels, mask_targets):
+    """Per-pixel BCE on the GT class's channel, averaged over every pixel of the positive RoIs.
+
+    mask_logits: (P, K, M, M) for the P positive RoIs; labels: (P,) in 1..K;
+    mask_targets: (P, M, M) in [0, 1] (the GT mask RoIAligned onto each RoI's 28x28 grid).
+
+    Returns ``(loss_mask, grad_mask_logits)``; the gradient is zero on every channel but the
+    GT class's: the classes do not compete for pixels, which is the paper's decoupling of mask
+    and class prediction (Sec. 3).
+    """
+    xp = get_xp(mask_logits)
+    grad = xp.zeros_like(mask_logits)
+    p = mask_logits.shape[0]
+    if p == 0:
+        return 0.0, grad
+    k = mask_logits.shape[1]
+    if labels.shape != (p,) or int(labels.min()) < 1 or int(labels.max()) > k:
+        raise ValueError(f"mask loss labels must be ({p},) classes in 1..{k} (positive RoIs only)")
+    idx = xp.arange(p)
+    chan = labels - 1  # channel k-1 holds class k's mask (no background mask)
+    loss, g = binary_cross_entropy_with_logits(mask_logits[idx, chan], mask_targets)
+    grad[idx, chan] = g
+    return loss, grad
