@@ -83,7 +83,8 @@ def _demo(args, parser) -> int:
         return 0 if result["losses"][-1] < result["losses"][0] else 1
     import dataclasses
 
-    from .demo import RunConfig, quick_run_config, run_demo
+    from .demo import run_demo
+    from .run_config import RunConfig, quick_run_config
 
     out = args.out or ("runs/demo_quick" if args.quick else "runs/demo")
     cfg = quick_run_config(out) if args.quick else RunConfig()
@@ -99,7 +100,8 @@ def _demo(args, parser) -> int:
 def _train(args, parser) -> int:
     import dataclasses
 
-    from .demo import DataConfig, RunConfig, run_demo
+    from .demo import run_demo
+    from .run_config import DataConfig, RunConfig
 
     cfg = RunConfig.load(args.config) if args.config else RunConfig()
     if args.data and args.data != "shapes":
@@ -124,9 +126,9 @@ def _train(args, parser) -> int:
 
 
 def _load_run(run_dir: str, weights_path: str | None, config_path: str | None = None):
-    from .demo import RUN_CONFIG_NAME, RunConfig
     from .mask_rcnn import MaskRCNN
-    from .train import load_checkpoint_weights
+    from .run_config import RUN_CONFIG_NAME, RunConfig
+    from .train_checkpoint import load_checkpoint_weights
 
     cfg = RunConfig.load(config_path or os.path.join(run_dir, RUN_CONFIG_NAME))
     model = MaskRCNN(cfg.model, rng=0)
@@ -138,7 +140,8 @@ def _load_run(run_dir: str, weights_path: str | None, config_path: str | None = 
 
 
 def _evaluate(args, parser) -> int:
-    from .demo import build_datasets, evaluate_model
+    from .demo import evaluate_model
+    from .run_config import build_datasets
 
     cfg, model = _load_run(args.run, args.weights, args.config)
     if args.data:
@@ -161,7 +164,7 @@ def _evaluate(args, parser) -> int:
 def _predict(args, parser) -> int:
     import numpy as np
 
-    from .demo import build_datasets
+    from .run_config import build_datasets
     from .visualize import save_predictions_figure
 
     try:

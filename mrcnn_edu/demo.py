@@ -1,6 +1,6 @@
 """The main job: train Mask R-CNN on synthetic shapes, evaluate it the COCO way, draw pictures.
 
-    mrcnn-edu demo                 # ~12 minutes on 2 CPU cores
+    mrcnn-edu demo                 # about 10 minutes on 2 CPU cores (9.7 min measured)
     mrcnn-edu demo --quick         # a 1-minute smoke run (the numbers will be poor)
 
 Steps: generate a seeded training set and a held-out set of shapes images (circles, squares,
@@ -8,7 +8,9 @@ triangles with exact masks) -> train the small configuration with the Trainer (p
 CSV log, checkpoints) -> predict on the held-out images -> COCO bbox and segm AP via
 pycocotools -> ``predictions.png`` (ground truth beside predictions) and ``loss_curve.png``.
 Everything lands in the output folder, together with ``config.json`` (enough to rebuild the
-model for ``mrcnn-edu evaluate``/``predict``) and ``metrics.json``.
+model for ``mrcnn-edu evaluate``/``predict``) and ``metrics.json``. The run's settings and its
+datasets (``RunConfig``, ``build_datasets``, the demo presets) are in ``run_config.py``;
+``mrcnn-edu train`` runs this same pipeline on a config of its own.
 """
 
 from __future__ import annotations
@@ -16,140 +18,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 
-from .data.shapes import ShapesDataset
-from .mask_rcnn import MaskRCNN, MaskRCNNConfig
-from .train import TrainConfig, Trainer
-
-RUN_CONFIG_NAME = "config.json"
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from: ``"shapes"`` (generated) or a COCO-format json + folder."""
-
-    source: str = "shapes"
-    num_train: int = 3000
-    num_val: int = 200
-    image_size: tuple = (128, 128)
-    train_seed: int = 1
-    val_seed: int = 2
-    annotations: str | None = None  # COCO json (source="coco")
-    images: str | None = None  # image folder (source="coco")
-    val_annotations: str | None = None
-    val_images: str | None = None
-
-    def __post_init__(self):
-        if self.source not in ("shapes", "coco"):
-            raise ValueError(f"data.source must be 'shapes' or 'coco', got {self.source!r}")
-        if self.source == "coco" and not (self.annotations and self.images):
-            raise ValueError("data.source 'coco' needs data.annotations and data.images")
-        self.image_size = tuple(int(v) for v in self.image_size)
-
-
-@dataclass
-class RunConfig:
-    """A whole run: model, training and data settings (stored as ``config.json``)."""
-
-    model: MaskRCNNConfig = field(default_factory=lambda: MaskRCNNConfig.small(3))
-    train: TrainConfig = field(default_factory=lambda: demo_train_config())
-    data: DataConfig = field(default_factory=DataConfig)
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return {
-            "model": self.model.to_dict(),
-            "train": self.train.to_dict(),
-            "data": asdict(self.data),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
-        unknown = sorted(set(d) - {"model", "train", "data"})
-        if unknown:
-            raise ValueError(
-                f"unknown top-level key(s) {unknown}; valid: ['data', 'model', 'train']"
-            )
-        base = cls()
-        model = MaskRCNNConfig.from_dict(d["model"]) if "model" in d else base.model
-        train = TrainConfig.from_dict({**base.train.to_dict(), **d.get("train", {})})
-        data_d = d.get("data", {})
-        valid = set(DataConfig.__dataclass_fields__)
-        bad = sorted(set(data_d) - valid)
-        if bad:
-            raise ValueError(f"unknown key(s) {bad} in data; valid keys: {sorted(valid)}")
-        return cls(model=model, train=train, data=DataConfig(**data_d))
-
-    def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str) -> RunConfig:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"run config not found: {path!r}")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path!r} is not valid JSON: {err}") from err
-        return cls.from_dict(d)
-
-
-def demo_train_config(**overrides) -> TrainConfig:
-    """The demo schedule: 2000 steps of 4 images, lr 0.02, warm-up 200, decay at 80% and 93%."""
-    base = dict(
-        lr=0.02,
-        batch_size=4,
-        max_steps=2000,
-        warmup_iters=200,
-        milestones=(0.8, 0.93),
-        checkpoint_every=500,
-        log_every=50,
-        out_dir="runs/demo",
-    )
-    base.update(overrides)
-    return TrainConfig(**base)
-
-
-def quick_run_config(out_dir: str) -> RunConfig:
-    """A one-minute smoke run of the same pipeline (tests and ``--quick``)."""
-    return RunConfig(
-        train=demo_train_config(
-            max_steps=60,
-            batch_size=2,
-            lr=0.01,
-            warmup_iters=30,
-            checkpoint_every=30,
-            out_dir=out_dir,
-        ),
-        data=DataConfig(num_train=100, num_val=10),
-    )
-
-
-def build_datasets(data: DataConfig):
-    """(train, val, class_names) for the configured source."""
-    if data.source == "shapes":
-        train = ShapesDataset(data.num_train, image_size=data.image_size, seed=data.train_seed)
-        val = ShapesDataset(data.num_val, image_size=data.image_size, seed=data.val_seed)
-        return train, val, train.class_names
-    from .data.coco import CocoDataset
-
-    train = CocoDataset(data.annotations, data.images)
-    val = (
-        CocoDataset(data.val_annotations, data.val_images or data.images)
-        if data.val_annotations
-        else None
-    )
-    return train, val, train.class_names
+from .mask_rcnn import MaskRCNN
+from .progress import progress_bar
+from .run_config import RUN_CONFIG_NAME, RunConfig, build_datasets
+from .train import Trainer
 
 
 def run_demo(cfg: RunConfig, resume: str | None = None) -> dict:
-    """Train, evaluate and draw. Returns ``{"metrics", "figures", "out_dir", "seconds"}``."""
+    """Train, evaluate and draw. Returns ``{"metrics", "figures", "out_dir", "seconds",
+    "train_seconds"}``."""
     out = cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
     cfg.save(os.path.join(out, RUN_CONFIG_NAME))
@@ -211,7 +89,7 @@ def evaluate_model(
     from .visualize import save_predictions_figure
 
     predictions, images, image_ids = [], [], []
-    bar = _bar(len(dataset), "predict")
+    bar = progress_bar(len(dataset), "predict", "img", leave=False)
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         predictions += model.predict([it["image"] for it in items])
@@ -233,14 +111,6 @@ def evaluate_model(
         path=os.path.join(out_dir, figure_name),
     )
     return metrics, figure
-
-
-def _bar(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 
 def _print_summary(summary: dict) -> None:

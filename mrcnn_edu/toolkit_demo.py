@@ -21,6 +21,7 @@ from .data.shapes import SHAPE_KINDS, toy_classification
 from .nn import layers as L
 from .nn.losses import softmax_cross_entropy
 from .nn.optim import SGD, WarmupMultiStepLR
+from .progress import progress_bar
 
 
 def tiny_convnet(rng: np.random.Generator, size: int = 20) -> L.Sequential:
@@ -58,7 +59,7 @@ def run(
         opt, base_lr=0.05, milestones=[int(steps * 0.8)], warmup_iters=min(50, steps // 5)
     )
     losses = []
-    bar = _progress(steps, progress)
+    bar = progress_bar(steps, "toolkit demo", "step") if progress else None
     for step in range(steps):
         idx = rng.integers(0, len(x_train), size=batch_size)
         logits = net.forward(x_train[idx])
@@ -89,16 +90,6 @@ def run(
     )
     print(f"weights: {weights_path}" + (f"; loss curve: {plot_path}" if plot_path else ""))
     return {"losses": losses, "accuracy": accuracy, "weights": weights_path, "plot": plot_path}
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="toolkit demo", unit="step")
 
 
 def _plot(losses: list[float], path: str) -> str | None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mrcnn_edu import cli
-from mrcnn_edu.demo import RunConfig, quick_run_config, run_demo
+from mrcnn_edu.demo import run_demo
+from mrcnn_edu.run_config import RunConfig, quick_run_config
 
 
 @pytest.fixture(scope="module")
