@@ -27,10 +27,10 @@ import numpy as np
 
 from .backend import to_host
 from .data.coco import (
-    _build_coco,
-    _read_json,
+    coco_from_dict,
     import_pycocotools,
     import_pycocotools_mask,
+    read_coco_json,
     validate_coco_instances,
 )
 from .data.shapes import ShapesDataset, to_coco_dict
@@ -272,16 +272,16 @@ def _as_coco_gt(gt):
     elif isinstance(getattr(gt, "coco", None), COCO):  # a CocoDataset: its json, crowds and all
         coco = gt.coco
     elif isinstance(gt, ShapesDataset):
-        coco = _build_coco(to_coco_dict(gt))
+        coco = coco_from_dict(to_coco_dict(gt))
     elif isinstance(gt, (str, os.PathLike)):
-        content = _read_json(os.fspath(gt))
+        content = read_coco_json(os.fspath(gt))
         validate_coco_instances(content, source=os.fspath(gt))
-        coco = _build_coco(content)
+        coco = coco_from_dict(content)
     elif isinstance(gt, Mapping):
         validate_coco_instances(dict(gt), source="ground-truth dict")
         # Copy the annotation dicts: defaults are filled in below and the caller's stay as given.
         content = {**gt, "annotations": [dict(a) for a in gt["annotations"]]}
-        coco = _build_coco(content)
+        coco = coco_from_dict(content)
     else:
         raise ValueError(
             f"gt must be a json path, a COCO dict, a pycocotools COCO, a CocoDataset or a "
@@ -304,7 +304,7 @@ def _fill_gt_defaults(coco):
 
 def _as_results(results):
     if isinstance(results, (str, os.PathLike)):
-        results = _read_json(os.fspath(results))
+        results = read_coco_json(os.fspath(results))
     if not isinstance(results, list):
         raise ValueError(f"results must be a list of dicts, got {type(results).__name__}")
     return results

@@ -3,7 +3,9 @@
 Figures are built as ``matplotlib.figure.Figure`` objects and saved with the Agg renderer,
 without ``pyplot``: nothing is registered globally, so there is no figure to leak or close and
 no backend to switch, and the functions work the same in scripts, tests and notebooks.
-``draw_instances`` draws onto any ``Axes``, including one from ``plt.subplots()`` in a notebook.
+``draw_instances`` draws onto any ``Axes``, including one from ``plt.subplots()`` in a notebook;
+so do ``draw_boxes`` (xyxy rectangles in one colour) and ``show_image`` (a ``(3, H, W)`` image with
+pixel edges on integer coordinates), the two pieces the chapter notebooks draw with.
 
 Matplotlib is imported inside the functions (``pip install 'mrcnn-edu[demo]'``), so importing
 this module needs NumPy only.
@@ -66,6 +68,61 @@ def draw_instances(
     """
     image = _image_hwc(image)
     height, width = image.shape[:2]
+    boxes, labels, masks, scores = _instance_arrays(boxes, labels, masks, scores, height, width)
+
+    # extent puts pixel edges on integer coordinates, the convention boxes use.
+    ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest")
+    if masks is not None and len(masks):
+        _draw_masks(ax, masks, labels, mask_alpha, mask_threshold)
+    for d, (box, label) in enumerate(zip(boxes, labels)):
+        colour = _colour(label)
+        draw_boxes(ax, box, colour, lw=1.5)
+        text = _class_name(int(label), class_names)
+        if scores is not None:
+            text += f" {scores[d]:.2f}"
+        # Above the box, unless that would leave the image: then just inside its top edge.
+        x1, y1 = box[:2]
+        ax.text(
+            x1,
+            y1,
+            text,
+            fontsize=7,
+            color="white",
+            va="bottom" if y1 >= 0.08 * height else "top",
+            ha="left",
+            clip_on=True,
+            bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"},
+        )
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_axis_off()
+    return ax
+
+
+def draw_boxes(ax, boxes, colour, lw: float = 1.0, ls: str = "-", alpha: float | None = None):
+    """Draw xyxy ``boxes`` (``(D, 4)`` pixels, any sequence of 4 numbers) as unfilled rectangles
+    of one colour on a matplotlib ``Axes``; ``lw``, ``ls`` and ``alpha`` are matplotlib's
+    line width, line style and opacity. Returns the axes."""
+    _, patches = _import_matplotlib()
+    style = {"fill": False, "edgecolor": colour, "lw": lw, "ls": ls, "alpha": alpha}
+    for x1, y1, x2, y2 in np.asarray(to_host(boxes), dtype=np.float64).reshape(-1, 4):
+        ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, **style))
+    return ax
+
+
+def show_image(ax, image, title: str = ""):
+    """Show a ``(3, H, W)`` image (float in [0, 1] or uint8) on a matplotlib ``Axes`` with pixel
+    edges on integer coordinates (the box convention, so ``draw_boxes`` lines up), a small
+    title and no axis lines. Returns the axes."""
+    image = _image_hwc(image)
+    ax.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    return ax
+
+
+def _instance_arrays(boxes, labels, masks, scores, height, width):
+    """``draw_instances``' inputs as host arrays of matching lengths (masks ``(D, H, W)``)."""
     boxes = np.asarray(to_host(boxes), dtype=np.float64).reshape(-1, 4)
     labels = np.asarray(to_host(labels)).reshape(-1)
     if labels.shape[0] != boxes.shape[0]:
@@ -82,55 +139,30 @@ def draw_instances(
             raise ValueError(
                 f"masks must be (D, H, W) = {(boxes.shape[0], height, width)}, got {masks.shape}"
             )
-    _, patches = _import_matplotlib()
+    return boxes, labels, masks, scores
 
-    # extent puts pixel edges on integer coordinates, the convention boxes use.
+
+def _draw_masks(ax, masks, labels, mask_alpha, mask_threshold):
+    """Translucent fills in the class colours, then an outline around each mask."""
+    height, width = masks.shape[1:]
     extent = (0, width, height, 0)
-    ax.imshow(image, extent=extent, interpolation="nearest")
-    if masks is not None and len(masks):
-        overlay = np.zeros((height, width, 4))
-        for mask, label in zip(masks, labels):
-            inside = mask > mask_threshold
-            overlay[inside, :3] = _colour(label)
-            overlay[inside, 3] = mask_alpha
-        ax.imshow(overlay, extent=extent, interpolation="nearest")
-        for mask, label in zip(masks, labels):
-            if (mask > mask_threshold).any():
-                # contour runs through pixel centres, which sit at +0.5 with this extent.
-                ax.contour(
-                    np.arange(width) + 0.5,
-                    np.arange(height) + 0.5,
-                    (mask > mask_threshold).astype(float),
-                    levels=[0.5],
-                    colors=[_colour(label)],
-                    linewidths=1.0,
-                )
-    for d, ((x1, y1, x2, y2), label) in enumerate(zip(boxes, labels)):
-        colour = _colour(label)
-        ax.add_patch(
-            patches.Rectangle(
-                (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5
+    overlay = np.zeros((height, width, 4))
+    for mask, label in zip(masks, labels):
+        inside = mask > mask_threshold
+        overlay[inside, :3] = _colour(label)
+        overlay[inside, 3] = mask_alpha
+    ax.imshow(overlay, extent=extent, interpolation="nearest")
+    for mask, label in zip(masks, labels):
+        if (mask > mask_threshold).any():
+            # contour runs through pixel centres, which sit at +0.5 with this extent.
+            ax.contour(
+                np.arange(width) + 0.5,
+                np.arange(height) + 0.5,
+                (mask > mask_threshold).astype(float),
+                levels=[0.5],
+                colors=[_colour(label)],
+                linewidths=1.0,
             )
-        )
-        text = _class_name(int(label), class_names)
-        if scores is not None:
-            text += f" {scores[d]:.2f}"
-        # Above the box, unless that would leave the image: then just inside its top edge.
-        ax.text(
-            x1,
-            y1,
-            text,
-            fontsize=7,
-            color="white",
-            va="bottom" if y1 >= 0.08 * height else "top",
-            ha="left",
-            clip_on=True,
-            bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"},
-        )
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
-    ax.set_axis_off()
-    return ax
 
 
 def save_predictions_figure(
@@ -157,15 +189,7 @@ def save_predictions_figure(
     Returns the path written.
     """
     Figure, _ = _import_matplotlib()
-    if len(images) != len(predictions):
-        raise ValueError(f"got {len(images)} images but {len(predictions)} predictions")
-    if targets is not None and len(targets) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
-    if max_images < 1:
-        raise ValueError(f"max_images must be >= 1, got {max_images}")
-    num = min(len(images), max_images)
-    if num == 0:
-        raise ValueError("no images to draw")
+    num = _num_to_draw(images, predictions, targets, max_images)
     panels_per_image = 2 if targets is not None else 1
     images_per_row = 2 if targets is not None else 4
     cols = panels_per_image * min(num, images_per_row)
@@ -184,23 +208,42 @@ def save_predictions_figure(
             )  # fmt: skip
             axes[slot].set_title("ground truth", fontsize=9)
             slot += 1
-        p = predictions[i]
-        keep = np.asarray(to_host(p["scores"])) >= score_threshold
-        masks = p.get("masks")
-        draw_instances(
-            axes[slot],
-            images[i],
-            np.asarray(to_host(p["boxes"]))[keep],
-            np.asarray(to_host(p["labels"]))[keep],
-            None if masks is None else np.asarray(to_host(masks))[keep],
-            np.asarray(to_host(p["scores"]))[keep],
-            class_names=class_names,
-        )
-        axes[slot].set_title(f"prediction (score >= {score_threshold:g})", fontsize=9)
+        _draw_prediction(axes[slot], images[i], predictions[i], score_threshold, class_names)
     fig.tight_layout()
     path = os.fspath(path)
     fig.savefig(path, dpi=100)
     return path
+
+
+def _num_to_draw(images, predictions, targets, max_images) -> int:
+    """How many images ``save_predictions_figure`` draws, after checking the lengths agree."""
+    if len(images) != len(predictions):
+        raise ValueError(f"got {len(images)} images but {len(predictions)} predictions")
+    if targets is not None and len(targets) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    num = min(len(images), max_images)
+    if num == 0:
+        raise ValueError("no images to draw")
+    return num
+
+
+def _draw_prediction(ax, image, prediction, score_threshold, class_names):
+    """One prediction panel: the detections scoring at least ``score_threshold``."""
+    scores = np.asarray(to_host(prediction["scores"]))
+    keep = scores >= score_threshold
+    masks = prediction.get("masks")
+    draw_instances(
+        ax,
+        image,
+        np.asarray(to_host(prediction["boxes"]))[keep],
+        np.asarray(to_host(prediction["labels"]))[keep],
+        None if masks is None else np.asarray(to_host(masks))[keep],
+        scores[keep],
+        class_names=class_names,
+    )
+    ax.set_title(f"prediction (score >= {score_threshold:g})", fontsize=9)
 
 
 def plot_training_curves(

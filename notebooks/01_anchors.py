@@ -27,11 +27,11 @@ import os
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
 
 from mrcnn_edu.anchors import AnchorGenerator
 from mrcnn_edu.boxes import box_iou
 from mrcnn_edu.data.shapes import ShapesDataset
+from mrcnn_edu.visualize import draw_boxes
 
 QUICK = os.environ.get("MRCNN_EDU_QUICK") == "1"
 
@@ -65,8 +65,7 @@ assert np.array_equal(by_hand, generator.cell_anchors()[0])
 fig, ax = plt.subplots(figsize=(5, 5))
 colours = plt.cm.viridis(np.linspace(0, 0.9, 5))
 for level, (cells, colour) in enumerate(zip(generator.cell_anchors(), colours)):
-    for x1, y1, x2, y2 in cells:
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1.5))
+    draw_boxes(ax, cells, colour, lw=1.5)
     ax.plot([], [], color=colour, label=f"P{level + 2}: size {generator.sizes[level][0]}")
 ax.set_xlim(-400, 400), ax.set_ylim(400, -400), ax.set_aspect("equal")
 ax.legend(loc="upper right", fontsize=8)
@@ -126,8 +125,7 @@ for level, (ax, count) in enumerate(zip(axes, counts)):
     ax.scatter(centres[::step, 0], centres[::step, 1], s=2, color="white")
     h_l, w_l = feature_shapes[level]
     for yy, xx in [(h_l // 2, w_l // 2), (h_l // 4, w_l // 4)]:
-        for x1, y1, x2, y2 in level_anchors[(yy * w_l + xx) * 3 : (yy * w_l + xx) * 3 + 3]:
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow"))
+        draw_boxes(ax, level_anchors[(yy * w_l + xx) * 3 : (yy * w_l + xx) * 3 + 3], "yellow")
     ax.set_xlim(-150, 406), ax.set_ylim(406, -150)
     ax.set_title(f"P{level + 2}: stride {256 // h_l}, size {generator.sizes[level][0]}")
 plt.tight_layout()
@@ -170,11 +168,10 @@ plt.show()
 fig, ax = plt.subplots(figsize=(4.5, 4.5))
 ax.imshow(image.transpose(1, 2, 0))
 for g, box in enumerate(gt_boxes):
-    x1, y1, x2, y2 = box
-    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="white", ls="--"))
-    x1, y1, x2, y2 = anchors[iou[g].argmax()]
-    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=2))
-    ax.text(x1, y1 - 2, f"{iou[g].max():.2f}", color="lime", fontsize=9)
+    draw_boxes(ax, box, "white", ls="--")
+    best_anchor = anchors[iou[g].argmax()]
+    draw_boxes(ax, best_anchor, "lime", lw=2)
+    ax.text(best_anchor[0], best_anchor[1] - 2, f"{iou[g].max():.2f}", color="lime", fontsize=9)
 ax.set_title("best anchor per object (IoU)")
 plt.show()
 

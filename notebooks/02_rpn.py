@@ -30,7 +30,6 @@ import os
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
 
 from mrcnn_edu.anchors import AnchorGenerator
 from mrcnn_edu.boxes import BoxCoder, box_iou, clip_boxes_to_image
@@ -39,15 +38,10 @@ from mrcnn_edu.matching import BalancedPositiveNegativeSampler, Matcher
 from mrcnn_edu.nms import nms
 from mrcnn_edu.nn.losses import binary_cross_entropy_with_logits, softmax_cross_entropy
 from mrcnn_edu.rpn import RPN, RPNConfig
+from mrcnn_edu.visualize import draw_boxes
 
 QUICK = os.environ.get("MRCNN_EDU_QUICK") == "1"
 TRAIN_STEPS = 15 if QUICK else 150
-
-
-def draw_boxes(ax, boxes, colour, lw=1.0, ls="-"):
-    for x1, y1, x2, y2 in boxes:
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=lw, ls=ls))
-
 
 # %% [markdown]
 # The same 256 × 256 image and the same FPN anchors as in chapter 1:

@@ -31,33 +31,18 @@ import os
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
 
 from mrcnn_edu.data.shapes import ShapesDataset, to_coco_dict
-from mrcnn_edu.demo import RunConfig, build_datasets
 from mrcnn_edu.evaluate import coco_eval, evaluate_coco, per_class_ap, predictions_to_coco_results
 from mrcnn_edu.mask_rcnn import MaskRCNN, MaskRCNNConfig
 from mrcnn_edu.nn.losses import sigmoid
 from mrcnn_edu.postprocess import paste_masks_in_image, postprocess_detections
 from mrcnn_edu.roi_ops import roi_align
+from mrcnn_edu.run_config import RunConfig, build_datasets
 from mrcnn_edu.train import TrainConfig, Trainer, load_checkpoint_weights
-from mrcnn_edu.visualize import draw_instances
+from mrcnn_edu.visualize import draw_boxes, draw_instances, show_image
 
 QUICK = os.environ.get("MRCNN_EDU_QUICK") == "1"
-
-
-def draw_boxes(ax, boxes, colour, lw=1.0, alpha=1.0):
-    for x1, y1, x2, y2 in np.asarray(boxes, dtype=float):
-        ax.add_patch(
-            Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=lw, alpha=alpha)
-        )
-
-
-def show(ax, image, title=""):
-    ax.imshow(image.transpose(1, 2, 0), extent=(0, image.shape[2], image.shape[1], 0))
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-
 
 # %% [markdown]
 # ## A model to evaluate
@@ -121,7 +106,7 @@ print("proposals per image:", [p.shape[0] for p in proposals])
 
 fig, axes = plt.subplots(1, 2, figsize=(8, 4))
 for ax, image, props, item in zip(axes, images, proposals, items):
-    show(ax, image, f"top 20 of {len(props)} proposals (yellow); GT (white)")
+    show_image(ax, image, f"top 20 of {len(props)} proposals (yellow); GT (white)")
     draw_boxes(ax, props[:20], "yellow", lw=0.8)
     draw_boxes(ax, item["boxes"], "white", lw=2)
 plt.tight_layout()
@@ -136,22 +121,21 @@ plt.show()
 
 # %%
 rh = model.config.roi_heads
-pooled = dict(zip(["p2", "p3", "p4", "p5"], features[:4]))
-batch_hw = [tuple(batch.shape[-2:])] * len(images)
-class_logits, box_deltas = model.box_predictor(
-    model.box_head(model.box_roi_pool(pooled, proposals, batch_hw))
+heads = model.roi_heads  # the second stage: sampling, poolers, box and mask heads, losses
+class_logits, box_deltas = heads.box_predictor(
+    heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
 )
 num = proposals[0].shape[0]  # image 0's rows come first
 logits0, deltas0 = class_logits[:num], box_deltas[:num]
 z = logits0 - logits0.max(axis=1, keepdims=True)
 probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # (R, K+1)
-per_class_boxes = model.box_coder.decode(deltas0, proposals[0]).reshape(num, -1, 4)  # (R, K+1, 4)
+per_class_boxes = heads.box_coder.decode(deltas0, proposals[0]).reshape(num, -1, 4)  # (R, K+1, 4)
 rows, cols = np.nonzero(probs[:, 1:] > rh.score_thresh)  # column c is class c + 1
 candidates = per_class_boxes[rows, cols + 1]
 print(f"{num} proposals x {len(class_names)} classes -> {len(candidates)} candidates with p > 0.05")
 
 boxes, scores, labels = postprocess_detections(
-    logits0, deltas0, proposals[0], image_sizes[0], model.box_coder,
+    logits0, deltas0, proposals[0], image_sizes[0], heads.box_coder,
     rh.score_thresh, rh.nms_thresh, rh.detections_per_img,
 )  # fmt: skip
 print(f"after per-class NMS at IoU {rh.nms_thresh} and top {rh.detections_per_img}: "
@@ -160,7 +144,7 @@ print("best five (class, score):", [(class_names[k - 1], round(float(s), 3))
                                     for k, s in zip(labels[:5], scores[:5])])  # fmt: skip
 
 fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-show(axes[0], images[0], f"{len(candidates)} candidates before NMS")
+show_image(axes[0], images[0], f"{len(candidates)} candidates before NMS")
 draw_boxes(axes[0], candidates, "yellow", lw=0.6, alpha=0.6)
 keep5 = slice(0, 5)
 draw_instances(axes[1], images[0], boxes[keep5], labels[keep5], scores=scores[keep5],
@@ -186,8 +170,8 @@ plt.show()
 # %%
 d = len(boxes)
 if d:
-    mask_logits = model.mask_predictor(
-        model.mask_head(model.mask_roi_pool(pooled, [boxes, boxes[:0]], batch_hw))
+    mask_logits = heads.mask_predictor(
+        heads.mask_head(heads.mask_roi_pool(features, [boxes, boxes[:0]], image_sizes))
     )  # image 0's detections only: (D, K, 28, 28)
     mask_probs = sigmoid(mask_logits[np.arange(d), labels - 1])  # the predicted class's channel
 else:  # nothing detected (a barely trained model): no RoIs for the mask head
@@ -288,7 +272,7 @@ print(f"mean of the per-class segm AP: {segm_mean:.3f} (overall: {metrics['segm'
 # the GT masks themselves, and the GT masks squeezed through the model's 28 × 28 mask
 # representation -- RoIAligned onto the GT box as in training, then pasted back as at test
 # time -- once with `aligned=False` (torchvision's choice) and once with `aligned=True` (what
-# `MaskRCNN.mask_targets` uses, Detectron2's choice):
+# `RoIHeads.mask_targets` uses, Detectron2's choice):
 
 
 # %%

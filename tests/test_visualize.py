@@ -14,9 +14,11 @@ from PIL import Image  # noqa: E402
 from mrcnn_edu.data.shapes import ShapesDataset  # noqa: E402
 from mrcnn_edu.visualize import (  # noqa: E402
     _training_curves_figure,
+    draw_boxes,
     draw_instances,
     plot_training_curves,
     save_predictions_figure,
+    show_image,
 )
 
 
@@ -68,6 +70,34 @@ def test_draw_instances_rejects_mismatched_inputs():
         draw_instances(ax, image, np.zeros((1, 4)), np.array([1]), np.zeros((1, 10, 10)))
     with pytest.raises(ValueError, match=r"image must be \(3, H, W\)"):
         draw_instances(ax, np.zeros((20, 20, 3)), np.zeros((1, 4)), np.array([1]))
+
+
+def test_draw_boxes_draws_unfilled_xyxy_rectangles_in_one_style():
+    ax = Figure().subplots()
+    assert draw_boxes(ax, np.array([[2, 3, 10, 12], [0, 0, 4, 5]], np.float32), "cyan") is ax
+    draw_boxes(ax, [(1.5, 2.0, 3.5, 7.0)], "red", lw=2.5, ls="--", alpha=0.5)  # a list works too
+    assert len(ax.patches) == 3 and all(isinstance(p, Rectangle) for p in ax.patches)
+    first, _, last = ax.patches
+    assert first.get_xy() == (2, 3) and (first.get_width(), first.get_height()) == (8, 9)
+    assert not first.get_fill() and first.get_linewidth() == 1.0
+    assert last.get_xy() == (1.5, 2.0) and (last.get_width(), last.get_height()) == (2.0, 5.0)
+    assert last.get_linewidth() == 2.5 and last.get_linestyle() == "--"
+    assert last.get_edgecolor() == (1.0, 0.0, 0.0, 0.5)
+    draw_boxes(ax, np.zeros((0, 4)), "white")  # no boxes: nothing drawn
+    assert len(ax.patches) == 3
+
+
+def test_show_image_puts_pixel_edges_on_integer_coordinates():
+    image = np.random.default_rng(0).uniform(0, 1, (3, 10, 16)).astype(np.float32)
+    ax = Figure().subplots()
+    assert show_image(ax, image, "a title") is ax
+    (shown,) = ax.images
+    np.testing.assert_allclose(shown.get_array(), image.transpose(1, 2, 0))
+    assert shown.get_extent() == [0, 16, 10, 0]
+    assert ax.get_title() == "a title" and not ax.axison
+    ax = Figure().subplots()
+    show_image(ax, (image * 255).astype(np.uint8))  # uint8 images are scaled to [0, 1]
+    assert ax.images[0].get_array().max() <= 1.0 and ax.get_title() == ""
 
 
 def test_predictions_figure_puts_ground_truth_beside_predictions(tmp_path):

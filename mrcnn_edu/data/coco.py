@@ -63,7 +63,7 @@ class CocoDataset:
     ) -> None:
         self.annotation_json = os.fspath(annotation_json)
         self.image_root = os.fspath(image_root)
-        content = _read_json(self.annotation_json)
+        content = read_coco_json(self.annotation_json)
         summary = validate_coco_instances(content, source=self.annotation_json)
         if not os.path.isdir(self.image_root):
             raise FileNotFoundError(
@@ -71,7 +71,7 @@ class CocoDataset:
             )
         _check_images_exist(content["images"], self.image_root, self.annotation_json)
 
-        self.coco = _build_coco(content)
+        self.coco = coco_from_dict(content)
         category_ids = sorted(self.coco.cats)
         self.category_id_to_label = {cid: k + 1 for k, cid in enumerate(category_ids)}
         self.label_to_category_id = {k + 1: cid for k, cid in enumerate(category_ids)}
@@ -186,6 +186,13 @@ def validate_coco_instances(content, source: str = "<dict>") -> dict:
     Returns ``{"num_crowd": int, "num_degenerate": int}`` (annotations that are crowd regions,
     and non-crowd ones whose box is empty after clipping to the image).
     """
+    _check_top_level(content, source)
+    images = _validate_images(content["images"], source)
+    category_ids = _validate_categories(content["categories"], source)
+    return _validate_annotations(content["annotations"], images, category_ids, source)
+
+
+def _check_top_level(content, source):
     if not isinstance(content, dict):
         raise ValueError(
             f"{source}: the top level must be a JSON object with 'images', 'annotations' and "
@@ -201,8 +208,11 @@ def validate_coco_instances(content, source: str = "<dict>") -> dict:
         if not isinstance(content[key], list):
             raise ValueError(f"{source}: '{key}' must be a list, got {type(content[key]).__name__}")
 
+
+def _validate_images(entries, source) -> dict:
+    """``{image id: image entry}`` of a checked ``images`` list."""
     images = {}
-    for i, img in enumerate(content["images"]):
+    for i, img in enumerate(entries):
         where = f"{source}: images[{i}]"
         _require_keys(img, ("id", "file_name", "width", "height"), where)
         if img["id"] in images:
@@ -213,9 +223,13 @@ def validate_coco_instances(content, source: str = "<dict>") -> dict:
         if not isinstance(img["file_name"], str) or not img["file_name"]:
             raise ValueError(f"{where}: 'file_name' must be a non-empty string")
         images[img["id"]] = img
+    return images
 
+
+def _validate_categories(entries, source) -> set:
+    """The category ids of a checked ``categories`` list."""
     category_ids = set()
-    for i, cat in enumerate(content["categories"]):
+    for i, cat in enumerate(entries):
         where = f"{source}: categories[{i}]"
         _require_keys(cat, ("id", "name"), where)
         if cat["id"] in category_ids:
@@ -223,42 +237,20 @@ def validate_coco_instances(content, source: str = "<dict>") -> dict:
         if not _is_int(cat["id"]):
             raise ValueError(f"{where}: category id must be an integer, got {cat['id']!r}")
         category_ids.add(cat["id"])
+    return category_ids
 
+
+def _validate_annotations(entries, images, category_ids, source) -> dict:
+    """Check the ``annotations`` list; count its crowd and empty-box (degenerate) entries."""
     annotation_ids = set()
     num_crowd = num_degenerate = 0
-    for i, ann in enumerate(content["annotations"]):
+    for i, ann in enumerate(entries):
         where = f"{source}: annotations[{i}]"
         _require_keys(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), where)
         where += f" (id {ann['id']!r})"
-        if not _is_int(ann["id"]) or ann["id"] <= 0:
-            # COCOeval stores the matched ground-truth id and reads 0 as "unmatched".
-            raise ValueError(
-                f"{where}: annotation ids must be positive integers (COCOeval treats id 0 as "
-                f"'no match'); renumber from 1"
-            )
-        if ann["id"] in annotation_ids:
-            raise ValueError(f"{where}: duplicate annotation id")
+        _check_annotation_ids(ann, annotation_ids, images, category_ids, where)
         annotation_ids.add(ann["id"])
-        if ann["image_id"] not in images:
-            raise ValueError(f"{where}: refers to image_id {ann['image_id']!r}, not in 'images'")
-        if ann["category_id"] not in category_ids:
-            raise ValueError(
-                f"{where}: refers to category_id {ann['category_id']!r}, not in 'categories' "
-                f"(known ids: {sorted(category_ids)})"
-            )
-        bbox = ann["bbox"]
-        if (
-            not isinstance(bbox, list)
-            or len(bbox) != 4
-            or not all(isinstance(v, Real) and not isinstance(v, bool) for v in bbox)
-            or not all(math.isfinite(v) for v in bbox)
-        ):
-            raise ValueError(f"{where}: bad bbox {bbox!r}; need [x, y, width, height] numbers")
-        if bbox[2] < 0 or bbox[3] < 0:
-            raise ValueError(
-                f"{where}: bad bbox {bbox!r}: negative width or height (COCO boxes are "
-                f"[x, y, width, height], not [x1, y1, x2, y2])"
-            )
+        _check_bbox(ann["bbox"], where)
         image = images[ann["image_id"]]
         _check_segmentation(ann["segmentation"], image, where)
         crowd = ann.get("iscrowd", 0)
@@ -267,9 +259,43 @@ def validate_coco_instances(content, source: str = "<dict>") -> dict:
         if crowd:
             num_crowd += 1
         else:
-            x1, y1, x2, y2 = _clipped_xyxy(bbox, image["height"], image["width"])
+            x1, y1, x2, y2 = _clipped_xyxy(ann["bbox"], image["height"], image["width"])
             num_degenerate += not (x2 > x1 and y2 > y1)
     return {"num_crowd": num_crowd, "num_degenerate": num_degenerate}
+
+
+def _check_annotation_ids(ann, seen_ids, images, category_ids, where):
+    """An unseen positive annotation id, and an ``image_id`` and ``category_id`` that exist."""
+    if not _is_int(ann["id"]) or ann["id"] <= 0:
+        # COCOeval stores the matched ground-truth id and reads 0 as "unmatched".
+        raise ValueError(
+            f"{where}: annotation ids must be positive integers (COCOeval treats id 0 as "
+            f"'no match'); renumber from 1"
+        )
+    if ann["id"] in seen_ids:
+        raise ValueError(f"{where}: duplicate annotation id")
+    if ann["image_id"] not in images:
+        raise ValueError(f"{where}: refers to image_id {ann['image_id']!r}, not in 'images'")
+    if ann["category_id"] not in category_ids:
+        raise ValueError(
+            f"{where}: refers to category_id {ann['category_id']!r}, not in 'categories' "
+            f"(known ids: {sorted(category_ids)})"
+        )
+
+
+def _check_bbox(bbox, where):
+    if (
+        not isinstance(bbox, list)
+        or len(bbox) != 4
+        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in bbox)
+        or not all(math.isfinite(v) for v in bbox)
+    ):
+        raise ValueError(f"{where}: bad bbox {bbox!r}; need [x, y, width, height] numbers")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise ValueError(
+            f"{where}: bad bbox {bbox!r}: negative width or height (COCO boxes are "
+            f"[x, y, width, height], not [x1, y1, x2, y2])"
+        )
 
 
 def import_pycocotools_mask():
@@ -305,7 +331,12 @@ def import_pil_image():
     return Image
 
 
-def _read_json(path: str):
+def read_coco_json(path: str):
+    """The parsed content of a COCO json file (an instances file or a results list).
+
+    A missing file raises ``FileNotFoundError``, a file that is not JSON a ``ValueError``,
+    both naming the path; the content itself is not checked (see ``validate_coco_instances``).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file {path!r} does not exist")
     try:
@@ -313,6 +344,18 @@ def _read_json(path: str):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err}); is it a COCO instances file?") from err
+
+
+def coco_from_dict(content):
+    """A ``pycocotools.coco.COCO`` over an already-loaded COCO dict, indexed (pycocotools'
+    index prints are muted). The dict is used as is, neither copied nor checked
+    (``validate_coco_instances`` checks one)."""
+    COCO, _ = import_pycocotools()
+    coco = COCO()
+    coco.dataset = content
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def _ann_to_mask(coco, ann) -> np.ndarray:
@@ -323,16 +366,6 @@ def _ann_to_mask(coco, ann) -> np.ndarray:
             "ignore", message="__array__ implementation", category=DeprecationWarning
         )
         return coco.annToMask(ann)
-
-
-def _build_coco(content):
-    """A ``pycocotools.coco.COCO`` over an already-loaded dict (its index prints are muted)."""
-    COCO, _ = import_pycocotools()
-    coco = COCO()
-    coco.dataset = content
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 def _check_images_exist(images, image_root, source):
@@ -351,46 +384,54 @@ def _check_images_exist(images, image_root, source):
 
 
 def _check_segmentation(segm, image, where):
+    """A list of polygons, or an RLE dict of the image's size."""
     if isinstance(segm, list):
-        if not segm:
-            raise ValueError(f"{where}: empty 'segmentation' list; give polygons or an RLE dict")
-        for polygon in segm:
-            if (
-                not isinstance(polygon, list)
-                or len(polygon) < 6
-                or len(polygon) % 2
-                or not all(isinstance(v, Real) and math.isfinite(v) for v in polygon)
-            ):
-                raise ValueError(
-                    f"{where}: a polygon must be a flat list [x1, y1, x2, y2, ...] of at least "
-                    f"3 points, got {str(polygon)[:80]}"
-                )
-        return
-    if isinstance(segm, dict):
-        if "counts" not in segm or "size" not in segm:
-            raise ValueError(f"{where}: an RLE segmentation needs 'counts' and 'size'")
-        if list(segm["size"]) != [image["height"], image["width"]]:
+        _check_polygons(segm, where)
+    elif isinstance(segm, dict):
+        _check_rle(segm, image, where)
+    else:
+        raise ValueError(
+            f"{where}: 'segmentation' must be a list of polygons or an RLE dict, "
+            f"got {type(segm).__name__}"
+        )
+
+
+def _check_polygons(segm, where):
+    if not segm:
+        raise ValueError(f"{where}: empty 'segmentation' list; give polygons or an RLE dict")
+    for polygon in segm:
+        if (
+            not isinstance(polygon, list)
+            or len(polygon) < 6
+            or len(polygon) % 2
+            or not all(isinstance(v, Real) and math.isfinite(v) for v in polygon)
+        ):
             raise ValueError(
-                f"{where}: RLE size {segm['size']} is not the image's [height, width] "
-                f"[{image['height']}, {image['width']}]"
+                f"{where}: a polygon must be a flat list [x1, y1, x2, y2, ...] of at least "
+                f"3 points, got {str(polygon)[:80]}"
             )
-        counts = segm["counts"]
-        if isinstance(counts, list):
-            if (
-                not all(_is_int(c) and c >= 0 for c in counts)
-                or sum(counts) != image["height"] * image["width"]
-            ):
-                raise ValueError(
-                    f"{where}: uncompressed RLE counts must be non-negative and sum to "
-                    f"height * width = {image['height'] * image['width']}"
-                )
-        elif not isinstance(counts, str):
-            raise ValueError(f"{where}: RLE 'counts' must be a list of ints or a string")
-        return
-    raise ValueError(
-        f"{where}: 'segmentation' must be a list of polygons or an RLE dict, "
-        f"got {type(segm).__name__}"
-    )
+
+
+def _check_rle(segm, image, where):
+    if "counts" not in segm or "size" not in segm:
+        raise ValueError(f"{where}: an RLE segmentation needs 'counts' and 'size'")
+    if list(segm["size"]) != [image["height"], image["width"]]:
+        raise ValueError(
+            f"{where}: RLE size {segm['size']} is not the image's [height, width] "
+            f"[{image['height']}, {image['width']}]"
+        )
+    counts = segm["counts"]
+    if isinstance(counts, list):
+        if (
+            not all(_is_int(c) and c >= 0 for c in counts)
+            or sum(counts) != image["height"] * image["width"]
+        ):
+            raise ValueError(
+                f"{where}: uncompressed RLE counts must be non-negative and sum to "
+                f"height * width = {image['height'] * image['width']}"
+            )
+    elif not isinstance(counts, str):
+        raise ValueError(f"{where}: RLE 'counts' must be a list of ints or a string")
 
 
 def _clipped_xyxy(bbox, height, width):

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..nn.utils import as_generator
+
 # The three classic kinds; ``toy_classification`` and the toolkit demo use exactly these.
 SHAPE_KINDS = ("circle", "square", "triangle")
 # Every kind ``shape_mask`` can draw; ``ShapesDataset(classes=...)`` may use any of them.
@@ -64,11 +66,12 @@ def shape_mask(kind: str, height: int, width: int, cx: float, cy: float, r: floa
 
 
 def toy_classification(
-    n: int, size: int = 20, rng: np.random.Generator | None = None
+    n: int, size: int = 20, rng: np.random.Generator | int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` single-channel images ``(n, 1, size, size)`` float32, each with one noisy shape,
-    and their labels ``(n,)`` int64 (index into ``SHAPE_KINDS``)."""
-    rng = rng if rng is not None else np.random.default_rng(0)
+    and their labels ``(n,)`` int64 (index into ``SHAPE_KINDS``). ``rng``: a Generator or a
+    seed; None means seed 0."""
+    rng = as_generator(0 if rng is None else rng)
     images = np.empty((n, 1, size, size), np.float32)
     labels = rng.integers(0, len(SHAPE_KINDS), size=n)
     for i in range(n):
