@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import random_boxes
 
 from mrcnn_edu.boxes import (
     BoxCoder,
@@ -94,8 +95,8 @@ def test_encode_of_a_box_against_itself_is_zero():
 @pytest.mark.parametrize("weights", [(1, 1, 1, 1), (10, 10, 5, 5)])
 def test_decode_inverts_encode_within_1e4_pixels(weights):
     rng = np.random.default_rng(0)
-    anchors = _random_boxes(rng, 500)
-    gt = _random_boxes(rng, 500)
+    anchors = random_boxes(rng, 500)
+    gt = random_boxes(rng, 500)
     coder = BoxCoder(weights)
     deltas = coder.encode(gt, anchors)
     assert deltas.dtype == np.float32
@@ -128,9 +129,3 @@ def test_coder_rejects_bad_shapes_and_weights():
         coder.encode(np.zeros((2, 4)), np.zeros((3, 4)))
     with pytest.raises(ValueError, match="positive"):
         BoxCoder((1, 1, 0, 1))
-
-
-def _random_boxes(rng, n):
-    xy = rng.uniform(0, 500, (n, 2))
-    wh = rng.uniform(4, 300, (n, 2))
-    return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)

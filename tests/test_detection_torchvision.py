@@ -16,23 +16,13 @@ from mrcnn_edu.rpn import RPN, RPNConfig
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
+from helpers import clustered_boxes  # noqa: E402
 from torchvision.models.detection import _utils as tv_utils  # noqa: E402
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator  # noqa: E402
 from torchvision.models.detection.image_list import ImageList  # noqa: E402
 from torchvision.models.detection.rpn import RegionProposalNetwork  # noqa: E402
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead  # noqa: E402
 from torchvision.ops import boxes as tv_boxes  # noqa: E402
-
-
-def clustered_boxes(rng, n, objects=None, dtype=np.float32):
-    objects = objects or max(n // 40, 1)
-    centres = rng.uniform(0, 600, (objects, 2))
-    sizes = rng.uniform(16, 200, (objects, 2))
-    which = rng.integers(0, objects, n)
-    ctr = centres[which] + rng.normal(0, 0.15, (n, 2)) * sizes[which]
-    wh = sizes[which] * np.exp(rng.normal(0, 0.2, (n, 2)))
-    boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], axis=1).astype(dtype)
-    return boxes, rng.random(n).astype(dtype)
 
 
 def t(a):

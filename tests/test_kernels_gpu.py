@@ -17,6 +17,7 @@ import importlib
 
 import numpy as np
 import pytest
+from helpers import random_boxes
 
 IMPLEMENTATIONS = ("cupy", "numba")
 DTYPES = ((np.float32, 2e-5), (np.float64, 1e-12))  # dtype, tolerance vs NumPy
@@ -160,10 +161,6 @@ def test_roi_pool_matches_numpy(cp, impl, dtype, tol):
 
 
 # -- NMS -----------------------------------------------------------------------------------
-def _random_boxes(rng, n, dtype, size=200.0):
-    xy = rng.uniform(0, size, (n, 2))
-    wh = rng.uniform(1, size / 3, (n, 2))
-    return np.concatenate([xy, xy + wh], axis=1).astype(dtype)
 
 
 @pytest.mark.gpu
@@ -175,7 +172,8 @@ def test_nms_equals_numpy(cp, impl, dtype, n):
 
     kernels = _kernel_module(impl, "nms")
     rng = np.random.default_rng(n)
-    boxes = _random_boxes(rng, n, dtype, size=200.0 if n < 5000 else 2000.0)
+    size = 200.0 if n < 5000 else 2000.0
+    boxes = random_boxes(rng, n, dtype, size=size, wh=(1.0, size / 3))
     scores = rng.integers(0, 50, n).astype(dtype)  # many tied scores
     for threshold in (0.5, 0.7):
         want = nms(boxes, scores, threshold)
@@ -212,7 +210,7 @@ def test_batched_nms_and_dispatch_equal_numpy(cp, impl, monkeypatch):
     kernels = _kernel_module(impl, "nms")
     monkeypatch.setenv("MRCNN_EDU_KERNELS", impl)
     rng = np.random.default_rng(7)
-    boxes = _random_boxes(rng, 3000, np.float32)
+    boxes = random_boxes(rng, 3000, np.float32, size=200.0, wh=(1.0, 200.0 / 3))
     scores = rng.random(3000).astype(np.float32)
     idxs = rng.integers(0, 5, 3000)
     want = batched_nms(boxes, scores, idxs, 0.5)

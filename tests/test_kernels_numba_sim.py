@@ -19,6 +19,7 @@ import traceback
 
 import numpy as np
 import pytest
+from helpers import random_boxes
 
 CASES = {}
 
@@ -30,10 +31,6 @@ def case(fn):
 
 
 # -- the cases (run in the child) ----------------------------------------------------------
-def _random_boxes(rng, n, dtype, size=60.0):
-    xy = rng.uniform(0, size, (n, 2))
-    wh = rng.uniform(1, size / 2, (n, 2))
-    return np.concatenate([xy, xy + wh], axis=1).astype(dtype)
 
 
 @case
@@ -58,7 +55,7 @@ def nms_keeps_the_reference_boxes_across_tiles_with_tied_scores():
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
         for n in (1, 2, 63, 64, 65, 150):  # tile boundaries at 64 and 128
-            boxes = _random_boxes(rng, n, dtype)
+            boxes = random_boxes(rng, n, dtype, size=60.0, wh=(1.0, 30.0))
             scores = rng.integers(0, 6, n).astype(dtype)  # many equal scores
             for threshold in (0.3, 0.7):
                 got = nms_numba(boxes, scores, threshold)
@@ -130,7 +127,7 @@ def batched_nms_never_suppresses_across_categories():
     assert batched_numba(boxes, scores, np.array([0, 1, 0]), 0.5).tolist() == [0, 1]
     rng = np.random.default_rng(1)
     for dtype in (np.float32, np.float64):
-        boxes = _random_boxes(rng, 90, dtype)
+        boxes = random_boxes(rng, 90, dtype, size=60.0, wh=(1.0, 30.0))
         scores = rng.integers(0, 6, 90).astype(dtype)
         idxs = rng.integers(0, 4, 90)
         got = batched_numba(boxes, scores, idxs, 0.4)
@@ -138,7 +135,7 @@ def batched_nms_never_suppresses_across_categories():
 
 
 def _roi_cases(dtype):
-    """A small feature map and RoIs covering the edge cases of SEMANTICS.md."""
+    """A small feature map and RoIs covering the RoI edge cases listed in docs/conventions.md."""
     rng = np.random.default_rng(2)
     features = rng.standard_normal((2, 3, 9, 11)).astype(dtype)
     rois = np.array(

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import clustered_boxes
 
 import mrcnn_edu.nms as nms_module
 from mrcnn_edu.boxes import box_iou
@@ -18,18 +19,6 @@ def greedy_nms_definition(boxes, scores, threshold):
         if all(iou[j, i] <= threshold for j in kept):
             kept.append(i)
     return np.array(kept, dtype=np.int64)
-
-
-def clustered_boxes(rng, n, objects=None, dtype=np.float64):
-    """Jittered copies of a few objects: what a detector's raw boxes look like."""
-    objects = objects or max(n // 40, 1)
-    centres = rng.uniform(0, 600, (objects, 2))
-    sizes = rng.uniform(16, 200, (objects, 2))
-    which = rng.integers(0, objects, n)
-    ctr = centres[which] + rng.normal(0, 0.15, (n, 2)) * sizes[which]
-    wh = sizes[which] * np.exp(rng.normal(0, 0.2, (n, 2)))
-    boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], axis=1).astype(dtype)
-    return boxes, rng.random(n).astype(dtype)
 
 
 def test_hand_example_suppresses_the_overlapping_lower_score():
