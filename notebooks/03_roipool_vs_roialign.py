@@ -20,7 +20,8 @@
 # RoIAlign's fast separable form, and measures what the rounding costs: frozen-then-jumping
 # outputs under sub-pixel shifts, and masks that no longer line up with their objects.
 #
-# Code: `mrcnn_edu/roi_ops.py` (same semantics as torchvision's `roi_pool` / `roi_align`).
+# Code: `mrcnn_edu/roi_ops/` (`align.py`, `pool.py`; same semantics as torchvision's
+# `roi_pool` / `roi_align`).
 # The math and the backward passes: `docs/roi_pooling.md`.
 
 # %%

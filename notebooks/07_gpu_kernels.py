@@ -3,7 +3,7 @@
 #
 # Two operations dominate the non-convolution time of Mask R-CNN: **RoIAlign** (thousands of
 # RoIs × 256 channels × 7×7 or 14×14 bins, each an average of bilinear samples) and **NMS**
-# (thousands of proposals per image). `mrcnn_edu/roi_ops.py` and `mrcnn_edu/nms.py` are the
+# (thousands of proposals per image). `mrcnn_edu/roi_ops/` and `mrcnn_edu/nms.py` are the
 # NumPy references; `kernels/` holds two GPU versions of each, written to be read next to them:
 #
 # | op | CuPy (CUDA C, compiled by NVRTC) | Numba-CUDA (Python kernels) |
