@@ -61,8 +61,10 @@ class MultiScaleRoIAlign(Module):
         doubling from level to level, e.g. ``(4, 8, 16, 32)``.
 
     ``forward(features, boxes, image_shapes)``: features maps name -> (N, C, H_l, W_l); boxes
-    is a list of N arrays (K_i, 4) in image pixels; image_shapes a list of N ``(h, w)`` sizes of
-    the (padded) images the boxes live in. Returns (sum K_i, C, PH, PW), RoIs in image order.
+    is a list of N arrays (K_i, 4) in image pixels; image_shapes a list of N ``(h, w)`` image
+    sizes (torchvision passes each image's size before padding; only the largest height and
+    width are used, to infer or check the scales). Returns (sum K_i, C, PH, PW), RoIs in image
+    order.
     ``backward(grad_out)`` returns ``{name: grad}`` for the pooled maps (same shapes as the
     features).
 
