@@ -13,6 +13,7 @@ arrays and turns every way a file can be wrong into an error that names the file
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import zipfile
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .backend import is_cupy_array, to_host
+from .convert import from_torchvision as from_torchvision  # re-exported: torchvision weights
 
 SEP = "/"
 
@@ -189,8 +191,14 @@ def _read_npz(zf: zipfile.ZipFile, path: str) -> dict[str, np.ndarray]:
     for name in names:
         key = name[: -len(".npy")]
         try:
-            with zf.open(name) as member:
-                arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+            oversized = _oversized(zf, name)
+            if oversized is None:
+                with zf.open(name) as member:
+                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+        except MemoryError as err:
+            raise ValueError(
+                f"cannot load {path!r}: member {key!r} is too large to hold in memory ({err})"
+            ) from err
         except ValueError as err:
             if "allow_pickle" in str(err) or "Object arrays" in str(err):
                 raise ValueError(
@@ -200,7 +208,32 @@ def _read_npz(zf: zipfile.ZipFile, path: str) -> dict[str, np.ndarray]:
             raise ValueError(f"cannot load {path!r}: member {key!r} is corrupt ({err})") from err
         except (zipfile.BadZipFile, EOFError, OSError) as err:
             raise ValueError(f"cannot load {path!r}: member {key!r} is corrupt ({err})") from err
+        if oversized is not None:
+            raise ValueError(f"cannot load {path!r}: member {key!r} {oversized}")
     return arrays
+
+
+def _oversized(zf: zipfile.ZipFile, name: str) -> str | None:
+    """Why the member's ``.npy`` header claims more data than the member holds, or None. Read
+    before ``read_array``, which allocates the claimed size first (a corrupt or forged header
+    would otherwise ask for terabytes)."""
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    with zf.open(name) as member:
+        reader = readers.get(np.lib.format.read_magic(member))
+        if reader is None:  # format 3.0 (utf-8 field names): read_array checks it alone
+            return None
+        shape, _, dtype = reader(member)
+        data_bytes = zf.getinfo(name).file_size - member.tell()
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed <= data_bytes:
+        return None
+    return (
+        f"claims a {dtype} array of shape {shape} ({claimed} bytes) but holds "
+        f"{max(data_bytes, 0)} bytes of data; the file is corrupt or truncated"
+    )
 
 
 def _unflatten(arrays: dict[str, np.ndarray], path: str) -> dict:
