@@ -2,7 +2,7 @@
 
 Forward (training), in the order the data flows::
 
-    images ─ transform (normalise, pad to /32) ─ backbone (ResNet + FPN) ─ {p2..p6}
+    images ─ transform (normalise, resize, pad to /32) ─ backbone (ResNet + FPN) ─ {p2..p6}
     {p2..p6} ─ RPN ─ proposals (no gradient)             + loss_objectness, loss_rpn_box_reg
     {p2..p5} + proposals + targets ─ RoI heads:
         match (IoU 0.5), sample 512 RoIs/image at 25% positives
@@ -14,7 +14,8 @@ gradients of P2..P5; RPN head → gradients of P2..P6; the two are summed per le
 through FPN and ResNet. The total loss is the plain sum of the five.
 
 ``predict(images)`` runs the inference path: RPN proposals (test top-n) → RoI heads (box head,
-per-class NMS, mask head on the final boxes) → masks pasted into each image.
+per-class NMS, mask head on the final boxes) → boxes mapped back to each image as given (when
+the transform resized it) and masks pasted into it at its own resolution.
 """
 
 from __future__ import annotations
@@ -24,19 +25,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backbone import BackboneConfig, ResNetConfig, ResNetFPN
-from .backend import get_xp, to_host
+from .backbone import LEVEL_STRIDES, BackboneConfig, ResNetConfig, ResNetFPN
+from .backend import to_host
+from .config_checks import ConfigError, Rule, check_fields, from_mapping, positive_numbers
 from .nn.module import Module
 from .nn.utils import add_named_grads, as_generator
-from .postprocess import paste_masks_in_image
 from .roi_heads import RoIHeads, RoIHeadsConfig
 from .rpn import RPN, RPNConfig
+from .transform import check_size_settings, check_targets, prepare_inputs, to_original_size
 
 # Parameter-name prefixes of the RoI heads in checkpoints written before ``RoIHeads`` existed.
 _LEGACY_HEAD_PREFIXES = ("box_head.", "box_predictor.", "mask_head.", "mask_predictor.")
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MODEL_RULES = {
+    "num_classes": Rule(lambda k: k >= 1, "must be >= 1 (object classes, no background)"),
+    "image_mean": Rule(lambda v: len(v) == 3, "must hold 3 numbers (R, G, B)"),
+    "image_std": positive_numbers(3),
+    "size_divisible": Rule(lambda v: v >= 32 and v % 32 == 0, "must be a multiple of 32 (P5)"),
+}
 
 
 @dataclass
@@ -52,14 +60,24 @@ class MaskRCNNConfig:
     image_mean: tuple = IMAGENET_MEAN
     image_std: tuple = IMAGENET_STD
     size_divisible: int = 32
+    # Resize rule of transform.py: shorter side to min_size (one drawn per training image when
+    # several), longer side at most max_size; both None (the default) keeps the native size.
+    min_size: int | tuple[int, ...] | None = None
+    max_size: int | None = None
 
     def __post_init__(self):
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 (object classes), got {self.num_classes}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise ValueError("image_mean and image_std need 3 values each, std > 0")
-        if self.size_divisible < 32 or self.size_divisible % 32:
-            raise ValueError("size_divisible must be a positive multiple of 32 (the P5 stride)")
+        check_fields(self, _MODEL_RULES)
+        self.min_size = check_size_settings(self.min_size, self.max_size)
+        levels = list(LEVEL_STRIDES)
+        ratios = self.rpn.aspect_ratios
+        for key, value in (("anchor_sizes", self.rpn.anchor_sizes), ("aspect_ratios", ratios)):
+            nested = key == "anchor_sizes" or any(isinstance(r, tuple) for r in value)
+            if nested and len(value) != len(levels):
+                raise ConfigError(
+                    f"rpn.{key}",
+                    f"must have {len(levels)} entries, one per pyramid level {levels}, got "
+                    f"{len(value)}",
+                )
 
     @classmethod
     def small(cls, num_classes: int = 3) -> MaskRCNNConfig:
@@ -83,46 +101,43 @@ class MaskRCNNConfig:
             ),
         )
 
+    @classmethod
+    def resnet50_fpn(cls, num_classes: int = 90) -> MaskRCNNConfig:
+        """torchvision's ``maskrcnn_resnet50_fpn`` (v1), the model its published COCO weights
+        fit once converted (``mrcnn-edu convert torchvision``, docs/weights.md).
+
+        ResNet-50 with FrozenBatchNorm, stem and res2 frozen (trainable_layers=3), FPN 256,
+        sigmoid RPN objectness, RPN top-n 2000/2000 (train) and 1000/1000 (test) before/after
+        NMS, box score 0.05, NMS 0.5, 100 detections, ImageNet mean/std. ``num_classes``
+        counts object classes: torchvision's ``num_classes=91`` includes the background, so
+        its COCO model is ``num_classes=90`` here (labels are COCO category ids 1..90)."""
+        return cls(
+            num_classes=num_classes,
+            backbone=BackboneConfig(
+                resnet=ResNetConfig(depth=50, norm="frozen_bn", frozen_stages=2),
+                fpn_channels=256,
+            ),
+            rpn=RPNConfig(
+                objectness_loss="sigmoid",
+                pre_nms_top_n_train=2000,
+                pre_nms_top_n_test=1000,
+                post_nms_top_n_train=2000,
+                post_nms_top_n_test=1000,
+                nms_thresh=0.7,
+            ),
+            roi_heads=RoIHeadsConfig(score_thresh=0.05, nms_thresh=0.5, detections_per_img=100),
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> MaskRCNNConfig:
-        """Build from a (JSON) dict; unknown keys raise a ValueError listing the valid ones."""
-        _check_keys(d, cls, "config")
-        kw = dict(d)
-        if "backbone" in kw:
-            b = dict(kw["backbone"])
-            _check_keys(b, BackboneConfig, "config.backbone")
-            if "resnet" in b:
-                _check_keys(b["resnet"], ResNetConfig, "config.backbone.resnet")
-                b["resnet"] = ResNetConfig(**_tuples(b["resnet"]))
-            kw["backbone"] = BackboneConfig(**b)
-        if "rpn" in kw:
-            _check_keys(kw["rpn"], RPNConfig, "config.rpn")
-            kw["rpn"] = RPNConfig(**_tuples(kw["rpn"]))
-        if "roi_heads" in kw:
-            _check_keys(kw["roi_heads"], RoIHeadsConfig, "config.roi_heads")
-            kw["roi_heads"] = RoIHeadsConfig(**_tuples(kw["roi_heads"]))
-        return cls(**_tuples(kw))
-
-
-def _check_keys(d, klass, where: str) -> None:
-    if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a dict, got {type(d).__name__}")
-    valid = {f.name for f in dataclasses.fields(klass)}
-    unknown = sorted(set(d) - valid)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(valid)}")
-
-
-def _tuples(d: dict) -> dict:
-    """JSON turns tuples into lists; turn them back (nested too) for the dataclasses."""
-
-    def conv(v):
-        return tuple(conv(x) for x in v) if isinstance(v, list) else v
-
-    return {k: conv(v) for k, v in d.items()}
+        """Build from a (JSON) dict, every value checked; unknown keys raise a ValueError
+        listing the valid ones, a bad value one naming its key (``rpn.nms_thresh``)."""
+        return from_mapping(cls, d)
 
 
 class MaskRCNN(Module):
@@ -171,8 +186,8 @@ class MaskRCNN(Module):
         """Losses for a batch: ``{loss_objectness, loss_rpn_box_reg, loss_classifier,
         loss_box_reg, loss_mask}`` as floats. ``proposals`` (list of (R_i, 4)) replaces the
         RPN's proposals when given (the whole-model gradcheck holds them fixed)."""
-        batch, image_sizes = self.transform(images)
-        targets = self._check_targets(targets, image_sizes)
+        # normalise, resize, pad; the targets checked and resized with their images
+        batch, image_sizes, _, targets = self._inputs(images, targets, need_targets=True)
         features = self.backbone(batch)  # {"p2": P2, ..., "p6": P6}
         rpn_proposals, rpn_losses = self.rpn(features, image_sizes, targets, batch.shape[-2:])
         if proposals is None:
@@ -196,13 +211,12 @@ class MaskRCNN(Module):
         was_training = self.training
         self.eval()
         try:
-            batch, image_sizes = self.transform(images)
+            batch, image_sizes, original_sizes, _ = self._inputs(images)
             features = self.backbone(batch)
             proposals, _ = self.rpn(features, image_sizes, None, batch.shape[-2:])
             detections, _ = self.roi_heads(features, proposals, image_sizes)
-            for det, size in zip(detections, image_sizes):
-                probs = det.pop("mask_probs")
-                det["masks"] = paste_masks_in_image(probs, det["boxes"], size, mask_threshold)
+            # boxes back to each image as given, masks pasted at its resolution
+            detections = to_original_size(detections, image_sizes, original_sizes, mask_threshold)
             return [to_host(det) for det in detections]
         finally:
             self.train(was_training)
@@ -222,74 +236,25 @@ class MaskRCNN(Module):
     # Input handling
     # ---------------------------------------------------------------------------------------
     def transform(self, images):
-        """Normalise each image with the ImageNet mean/std and pad the batch (bottom/right, with
-        zeros after normalisation) to a multiple of ``size_divisible``.
+        """Normalise each image with the ImageNet mean/std, resize it by the config's
+        ``min_size``/``max_size`` rule (none by default) and pad the batch (bottom/right, with
+        zeros after normalisation) to a multiple of ``size_divisible`` (``transform.py``).
 
         Returns ``(batch (N, 3, Hp, Wp), image_sizes [(h, w), ...])``."""
-        if isinstance(images, np.ndarray) and images.ndim == 3:
-            images = [images]
-        if not isinstance(images, (list, tuple)) or len(images) == 0:
-            raise ValueError("images must be a non-empty list of (3, H, W) arrays")
-        xp = get_xp(images[0])
-        sizes = []
-        for i, im in enumerate(images):
-            if im.ndim != 3 or im.shape[0] != 3:
-                raise ValueError(f"images[{i}] must have shape (3, H, W), got {im.shape}")
-            if im.dtype.kind != "f":
-                raise ValueError(
-                    f"images[{i}] has dtype {im.dtype}; pass float images in [0, 1] "
-                    "(divide uint8 images by 255)"
-                )
-            if im.size and (float(im.max()) > 1.5 or float(im.min()) < -0.5):
-                raise ValueError(
-                    f"images[{i}] values span [{float(im.min()):.3g}, {float(im.max()):.3g}]; "
-                    "expected [0, 1] (divide uint8 images by 255)"
-                )
-            sizes.append((int(im.shape[1]), int(im.shape[2])))
-        d = self.config.size_divisible
-        hp = -(-max(h for h, _ in sizes) // d) * d
-        wp = -(-max(w for _, w in sizes) // d) * d
-        dtype = self._dtype()
-        batch = xp.zeros((len(images), 3, hp, wp), dtype=dtype)
-        mean = xp.asarray(self.config.image_mean, dtype=dtype).reshape(3, 1, 1)
-        std = xp.asarray(self.config.image_std, dtype=dtype).reshape(3, 1, 1)
-        for i, (im, (h, w)) in enumerate(zip(images, sizes)):
-            batch[i, :, :h, :w] = (im.astype(dtype) - mean) / std
-        return batch, sizes
+        batch, image_sizes, _, _ = self._inputs(images)
+        return batch, image_sizes
+
+    def _inputs(self, images, targets=None, need_targets: bool = False):
+        """``transform.prepare_inputs`` for this model: its config, dtype, mode and generator
+        (scale jitter draws one ``min_size`` per image in training)."""
+        return prepare_inputs(
+            images, self.config, self._dtype(), targets, need_targets, self.training, self.rng
+        )
 
     def _dtype(self):
         """The parameters' dtype (float32, or float64 after ``astype`` for gradchecks)."""
         return self.backbone.body.conv1.weight.data.dtype
 
     def _check_targets(self, targets, image_sizes):
-        if targets is None or len(targets) != len(image_sizes):
-            raise ValueError(
-                f"training needs one target dict per image ({len(image_sizes)}), got "
-                f"{None if targets is None else len(targets)}; use predict() for inference"
-            )
-        k = self.config.num_classes
-        out = []
-        for i, (t, (h, w)) in enumerate(zip(targets, image_sizes)):
-            missing = {"boxes", "labels", "masks"} - set(t)
-            if missing:
-                raise ValueError(f"targets[{i}] lacks {sorted(missing)}")
-            xp = get_xp(t["boxes"])
-            boxes = xp.asarray(t["boxes"], dtype=self._dtype()).reshape(-1, 4)
-            labels = xp.asarray(t["labels"])
-            masks = xp.asarray(t["masks"])
-            g = boxes.shape[0]
-            if labels.shape != (g,) or labels.dtype.kind not in "iu":
-                raise ValueError(f"targets[{i}]['labels'] must be ({g},) integers")
-            if g and (int(labels.min()) < 1 or int(labels.max()) > k):
-                raise ValueError(
-                    f"targets[{i}]['labels'] must be in 1..{k} (0 is background), got "
-                    f"{int(labels.min())}..{int(labels.max())}"
-                )
-            if masks.shape != (g, h, w):
-                raise ValueError(
-                    f"targets[{i}]['masks'] must have shape ({g}, {h}, {w}), got {masks.shape}"
-                )
-            if g and bool(xp.any((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))):
-                raise ValueError(f"targets[{i}]['boxes'] has boxes with x2 <= x1 or y2 <= y1")
-            out.append({"boxes": boxes, "labels": labels.astype(np.int64), "masks": masks})
-        return out
+        """The targets checked against images of ``image_sizes`` (``transform.check_targets``)."""
+        return check_targets(targets, image_sizes, self.config.num_classes, self._dtype())
