@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config_checks import at_least, between, check_fields, one_of, positive_numbers
 from .nn import layers as L
 from .nn.module import Module
 from .nn.utils import as_generator
@@ -31,6 +32,16 @@ LEVEL_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 # P6 exists only to give the RPN's 512-pixel anchors a coarse grid; the RoI heads pool from
 # P2..P5 (FPN paper, Sec. 4.1-4.2).
 ROI_LEVELS = ("p2", "p3", "p4", "p5")
+
+_RESNET_RULES = {
+    "blocks": positive_numbers(4),
+    "stem_channels": at_least(1),
+    "widths": positive_numbers(4),
+    "expansion": at_least(1),
+    "norm": one_of("frozen_bn", "gn"),
+    "gn_groups": at_least(1),
+    "frozen_stages": between(0, 5),
+}
 
 
 @dataclass
@@ -53,6 +64,7 @@ class ResNetConfig:
     frozen_stages: int = 0
 
     def __post_init__(self):
+        check_fields(self, _RESNET_RULES)
         if self.blocks is None:
             if self.depth not in DEPTH_BLOCKS:
                 raise ValueError(
@@ -293,6 +305,9 @@ class FPN(Module):
 class BackboneConfig:
     resnet: ResNetConfig = field(default_factory=ResNetConfig)
     fpn_channels: int = 256
+
+    def __post_init__(self):
+        check_fields(self, {"fpn_channels": at_least(1)})
 
     @classmethod
     def small(cls) -> BackboneConfig:

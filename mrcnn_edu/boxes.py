@@ -34,10 +34,11 @@ def box_iou(boxes1, boxes2):
 
     boxes1: (N, 4), boxes2: (M, 4) float, ``(x1, y1, x2, y2)`` with ``x1 <= x2``, ``y1 <= y2``.
     Returns (N, M): ``inter / (area1 + area2 - inter)``. Empty inputs give an empty (N, M) matrix.
-    Two zero-area boxes give 0/0 = NaN, as in torchvision.
+    Two zero-area boxes give 0/0 = NaN, as in torchvision. NaN/inf coordinates, and ones so
+    large that areas overflow (``max_coordinate``), raise a ValueError, as in ``nms``.
     """
-    boxes1 = validate_boxes(boxes1, "boxes1", check_order=True)
-    boxes2 = validate_boxes(boxes2, "boxes2", check_order=True)
+    boxes1 = validate_boxes(boxes1, "boxes1", check_order=True, finite=True)
+    boxes2 = validate_boxes(boxes2, "boxes2", check_order=True, finite=True)
     boxes1, boxes2 = _common_float(boxes1, boxes2)
     inter, union = _inter_union(boxes1, boxes2)
     return inter / union
@@ -185,8 +186,9 @@ def validate_boxes(boxes, name: str = "boxes", check_order: bool = False, finite
     """Check that ``boxes`` is an (N, 4) float array and return it (lists, ints -> float64).
 
     ``check_order`` also rejects boxes with ``x2 < x1`` or ``y2 < y1``; ``finite`` rejects
-    NaN/inf coordinates. Both are O(N) and used where a malformed box would silently give a
-    wrong answer (IoU of a negative-area box, NMS).
+    NaN/inf coordinates and any beyond ``max_coordinate(dtype)``, whose areas overflow. Both
+    are O(N) and used where a malformed box would silently give a wrong answer (IoU of a
+    negative-area box, NMS keeping duplicates whose IoU is inf/inf).
     """
     xp = get_xp(boxes)
     if not hasattr(boxes, "ndim"):
@@ -201,8 +203,15 @@ def validate_boxes(boxes, name: str = "boxes", check_order: bool = False, finite
             boxes = boxes.astype(xp.float64)
         else:
             raise ValueError(f"{name} must be a float array, got dtype {boxes.dtype}")
-    if finite and boxes.size and not bool(xp.isfinite(boxes).all()):
-        raise ValueError(f"{name} contains NaN or inf coordinates; filter them out first")
+    if finite and boxes.size:
+        if not bool(xp.isfinite(boxes).all()):
+            raise ValueError(f"{name} contains NaN or inf coordinates; filter them out first")
+        limit = max_coordinate(boxes.dtype)
+        if bool((xp.abs(boxes) > limit).any()):
+            raise ValueError(
+                f"{name} has coordinates beyond +-{limit:.3g}, where {boxes.dtype} areas (and "
+                "their sums in an IoU) overflow to inf; boxes that large are not image boxes"
+            )
     if check_order and boxes.size:
         bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
         if bool(bad.any()):
@@ -212,6 +221,13 @@ def validate_boxes(boxes, name: str = "boxes", check_order: bool = False, finite
                 "(x1, y1, x2, y2) with x1 <= x2 and y1 <= y2 (convert from (x, y, w, h)?)"
             )
     return boxes
+
+
+def max_coordinate(dtype) -> float:
+    """The largest coordinate magnitude IoU can use in ``dtype``: ``sqrt(max) / 4``, so that a
+    box spanning ``[-c, c]`` has an area ``(2c)^2`` and two such areas a sum ``8 c^2`` below the
+    dtype's maximum (4.6e18 for float32, 3.4e153 for float64)."""
+    return math.sqrt(float(np.finfo(dtype).max)) / 4
 
 
 def _common_float(a, b):

@@ -27,13 +27,32 @@ import numpy as np
 
 from .backend import get_xp
 from .boxes import BoxCoder, box_iou
+from .config_checks import at_least, between, check_fields, positive_numbers
 from .heads import FastRCNNPredictor, MaskHead, MaskRCNNPredictor, TwoMLPHead
 from .matching import BalancedPositiveNegativeSampler, Matcher
 from .nn.losses import binary_cross_entropy_with_logits, sigmoid, smooth_l1, softmax_cross_entropy
 from .nn.module import Module
-from .nn.utils import add_named_grads, as_generator
+from .nn.utils import add_named_grads, as_generator, check_finite
 from .postprocess import postprocess_detections
 from .roi_ops import MultiScaleRoIAlign, roi_align
+
+_ROI_HEADS_RULES = {
+    "fg_iou_thresh": between(0, 1),
+    "bg_iou_thresh": between(0, 1),
+    "batch_size_per_image": at_least(1),
+    "positive_fraction": between(0, 1, low_open=True),
+    "box_coder_weights": positive_numbers(4),
+    "box_loss_beta": at_least(0),
+    "representation_size": at_least(1),
+    "box_pool_size": at_least(1),
+    "mask_pool_size": at_least(1),
+    "mask_size": at_least(1),
+    "mask_channels": at_least(1),
+    "mask_num_convs": at_least(1),
+    "score_thresh": between(0, 1),
+    "nms_thresh": between(0, 1),
+    "detections_per_img": at_least(1),
+}
 
 
 @dataclass
@@ -59,13 +78,12 @@ class RoIHeadsConfig:
     detections_per_img: int = 100
 
     def __post_init__(self):
+        check_fields(self, _ROI_HEADS_RULES)
         if self.mask_size != 2 * self.mask_pool_size:
             raise ValueError(
                 f"mask_size ({self.mask_size}) must be twice mask_pool_size "
                 f"({self.mask_pool_size}): the mask head upsamples by a 2x deconvolution"
             )
-        if not 0 < self.positive_fraction <= 1 or self.batch_size_per_image < 1:
-            raise ValueError("need batch_size_per_image >= 1 and 0 < positive_fraction <= 1")
 
 
 class SampledRoIs(NamedTuple):
@@ -247,6 +265,7 @@ class RoIHeads(Module):
         rh = self.config
         box_feats = self.box_roi_pool(features, proposals, image_sizes)
         class_logits, box_deltas = self.box_predictor(self.box_head(box_feats))
+        check_finite("the box head's class logits and box deltas", class_logits, box_deltas)
         detections, start = [], 0
         for props, size in zip(proposals, image_sizes):
             stop = start + props.shape[0]
@@ -266,6 +285,7 @@ class RoIHeads(Module):
         if sum(b.shape[0] for b in det_boxes):
             mask_feats = self.mask_roi_pool(features, det_boxes, image_sizes)
             mask_logits = self.mask_predictor(self.mask_head(mask_feats))
+            check_finite("the mask head's logits", mask_logits)
         start, m = 0, rh.mask_size
         for d in detections:
             n, xp = d["boxes"].shape[0], get_xp(d["boxes"])

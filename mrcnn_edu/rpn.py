@@ -35,16 +35,35 @@ import numpy as np
 from .anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, AnchorGenerator
 from .backend import get_xp
 from .boxes import BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes, validate_boxes
+from .config_checks import at_least, between, check_fields, one_of, positive_numbers
 from .heads import RPNHead
 from .matching import BalancedPositiveNegativeSampler, Matcher
 from .nms import batched_nms
 from .nn.losses import binary_cross_entropy_with_logits, sigmoid, smooth_l1, softmax_cross_entropy
 from .nn.module import Module
-from .nn.utils import as_generator
+from .nn.utils import as_generator, check_finite
 
 __all__ = ["RPN", "RPNConfig", "RPNHead"]  # the head network lives in heads.py
 
 OBJECTNESS_LOSSES = ("softmax", "sigmoid")
+_RPN_RULES = {
+    "anchor_sizes": positive_numbers(),
+    "aspect_ratios": positive_numbers(),
+    "objectness_loss": one_of(*OBJECTNESS_LOSSES),
+    "fg_iou_thresh": between(0, 1),
+    "bg_iou_thresh": between(0, 1),
+    "batch_size_per_image": at_least(1),
+    "positive_fraction": between(0, 1, low_open=True),
+    "pre_nms_top_n_train": at_least(1),
+    "pre_nms_top_n_test": at_least(1),
+    "post_nms_top_n_train": at_least(1),
+    "post_nms_top_n_test": at_least(1),
+    "nms_thresh": between(0, 1),
+    "score_thresh": between(0, 1),
+    "min_size": at_least(0),
+    "box_loss_beta": at_least(0),
+    "box_coder_weights": positive_numbers(4),
+}
 
 
 @dataclass
@@ -70,23 +89,12 @@ class RPNConfig:
     box_coder_weights: tuple = (1.0, 1.0, 1.0, 1.0)
 
     def __post_init__(self):
-        if self.objectness_loss not in OBJECTNESS_LOSSES:
-            raise ValueError(
-                f"objectness_loss must be one of {OBJECTNESS_LOSSES}, got {self.objectness_loss!r}"
-            )
-        if not 0.0 <= self.bg_iou_thresh <= self.fg_iou_thresh <= 1.0:
+        check_fields(self, _RPN_RULES)
+        if not self.bg_iou_thresh <= self.fg_iou_thresh:
             raise ValueError(
                 "need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got "
                 f"{self.bg_iou_thresh} and {self.fg_iou_thresh}"
             )
-        for name in (
-            "pre_nms_top_n_train",
-            "pre_nms_top_n_test",
-            "post_nms_top_n_train",
-            "post_nms_top_n_test",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def logits_per_anchor(self) -> int:
@@ -158,7 +166,7 @@ class RPN(Module):
         xp = get_xp(features[0])
         anchors = xp.asarray(self.anchor_generator(batch_shape, feature_shapes, features[0].dtype))
 
-        objectness, deltas = self.head(features)
+        objectness, deltas = self._run_head(features)
         # (N, A*k, H, W) per level -> (N, sum_l H_l W_l A, k): row order = anchor order
         flat_logits = xp.concatenate(
             [_flatten_level(o, self.head.num_anchors) for o in objectness], 1
@@ -205,6 +213,17 @@ class RPN(Module):
             )
         )
         return grads if c.names is None else dict(zip(c.names, grads, strict=True))
+
+    def _run_head(self, features) -> tuple[list, list]:
+        """The head's objectness and deltas per level. At inference NaN/inf in the features or
+        the outputs raise (NonFiniteError): training reports them as NaN losses, but inference
+        would drop NaN proposals silently and answer "nothing found" for a broken model."""
+        if not self.training:
+            check_finite("the feature maps the RPN reads", *features)
+        objectness, deltas = self.head(features)
+        if not self.training:
+            check_finite("the RPN head's objectness and box deltas", *objectness, *deltas)
+        return objectness, deltas
 
     # -- the stages, public so the notebooks can show each one -----------------------------------
     def object_logit(self, flat_logits):

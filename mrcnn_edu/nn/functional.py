@@ -306,8 +306,10 @@ def linear_backward(dy, cache):
 
 
 def relu_forward(x):
+    """max(x, 0) that keeps NaN (as PyTorch): only ``x <= 0`` becomes 0, so a NaN input is not
+    hidden behind a finite output. Returns ``(y, mask)``, mask True where the gradient passes."""
     xp = get_xp(x)
-    mask = x > 0
+    mask = ~(x <= 0)
     return xp.where(mask, x, xp.zeros((), dtype=x.dtype)), mask
 
 

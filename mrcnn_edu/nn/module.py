@@ -123,7 +123,15 @@ class Module:
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Copy arrays into the Params. Missing or unexpected keys and shape mismatches raise a
-        ValueError that lists them all (``strict=False`` ignores missing/unexpected keys)."""
+        ValueError that lists them all (``strict=False`` ignores missing/unexpected keys); so
+        does an array holding NaN or inf, which would otherwise surface as NaN losses (or
+        be hidden by later layers) far from its cause."""
+        broken = nonfinite_entries(state)
+        if broken:
+            raise ValueError(
+                f"load_state_dict into {type(self).__name__} refused: {broken[0]}; these "
+                "weights are broken (saved from a diverged run?)"
+            )
         own = dict(self.named_parameters())
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -166,3 +174,17 @@ class Module:
     def __repr__(self) -> str:
         n = sum(int(np.prod(p.shape)) for _, p in self.named_parameters())
         return f"{type(self).__name__}(params={n})"
+
+
+def nonfinite_entries(state: dict) -> list[str]:
+    """``"parameter 'name' holds k NaN or inf value(s) of n"`` for each float array of
+    ``state`` (``{name: array}``) that is not all finite, in name order."""
+    found = []
+    for name in sorted(state):
+        value = state[name]
+        if getattr(value, "dtype", None) is None or value.dtype.kind not in "fc":
+            continue
+        bad = int((~get_xp(value).isfinite(value)).sum())
+        if bad:
+            found.append(f"parameter {name!r} holds {bad} NaN or inf value(s) of {value.size}")
+    return found

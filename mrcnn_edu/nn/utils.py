@@ -4,15 +4,34 @@
 - ``pair(v, name)``: ``7 -> (7, 7)``, ``(7, 5) -> (7, 5)``, with an error naming the argument.
 - ``check_float_array(a, name)``: refuse anything but a float32/float64 NumPy (or CuPy) array.
 - ``add_param_grads(layer, dw, db)``: accumulate a layer's weight and bias gradients.
+- ``NonFiniteError``, ``check_finite(what, *arrays)``: the ValueError for values that must be
+  finite and are NaN/inf.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import is_cupy_array
+from ..backend import get_xp, is_cupy_array
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class NonFiniteError(ValueError):
+    """Values an op needs finite hold NaN or inf (RoIAlign's features). Inside a training step
+    this means the model diverged, and the Trainer reports it as ``TrainingDiverged``."""
+
+
+def check_finite(what: str, *arrays) -> None:
+    """NonFiniteError naming ``what`` when any of ``arrays`` holds NaN or inf: used where the
+    inference path would otherwise drop NaN scores or boxes silently (NaN > t is False) and
+    answer "no detections" for a broken model."""
+    for a in arrays:
+        if a.size and not bool(get_xp(a).isfinite(a).all()):
+            raise NonFiniteError(
+                f"{what} hold NaN or inf: the model's weights are broken (NaN weights, or a "
+                "diverged run), or values overflowed"
+            )
 
 
 def as_generator(rng) -> np.random.Generator:

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from ..backend import get_xp
-from ..nn.utils import check_array, check_float_array, pair
+from ..nn.utils import NonFiniteError, check_array, check_float_array, pair
 
 
 def boxes_to_rois(boxes):
@@ -73,6 +73,33 @@ def check_align_args(sampling_ratio, aligned) -> tuple[int, bool]:
     return int(sampling_ratio), bool(aligned)
 
 
+# With adaptive sampling a RoI's samples per bin grow with its size (memory and time); a RoI
+# this many times the map (plus one pixel) is refused: it lies mostly outside the map.
+ADAPTIVE_EXTENT_LIMIT = 4
+
+
+def check_adaptive_extent(rois, shape, spatial_scale, sampling_ratio) -> None:
+    """With ``sampling_ratio <= 0``, refuse RoIs whose scaled height (width) exceeds
+    ``ADAPTIVE_EXTENT_LIMIT * (H + 1)`` (``W``): their sample count, hence the memory and time
+    of the op, would grow with the RoI (2 GB per ~1e8 feature pixels of RoI)."""
+    if sampling_ratio > 0 or rois.shape[0] == 0:
+        return
+    xp = get_xp(rois)
+    height, width = shape[-2:]
+    sides = (rois[:, 3:5] - rois[:, 1:3]).astype(xp.float64) * float(spatial_scale)  # (w, h)
+    limits = xp.asarray([width + 1, height + 1], dtype=xp.float64) * ADAPTIVE_EXTENT_LIMIT
+    too_big = (sides > limits).any(axis=1)
+    if bool(too_big.any()):
+        i = int(xp.flatnonzero(too_big)[0])
+        w, h = (float(v) for v in sides[i])
+        raise ValueError(
+            f"rois[{i}] spans {h:.4g} x {w:.4g} feature pixels (h x w) on a {height} x {width} "
+            f"map: with adaptive sampling (sampling_ratio <= 0) its samples grow with its size, "
+            f"so RoIs over {ADAPTIVE_EXTENT_LIMIT}x the map (+1 pixel) are refused; clip the "
+            "boxes to the image, or pass a fixed sampling_ratio"
+        )
+
+
 def check_features_array(a, name) -> None:
     """A float32/float64 (N, C, H, W) array; the forward's input also needs H, W > 0."""
     check_array(a, name)
@@ -89,7 +116,7 @@ def check_finite_features(input) -> None:
     # would leak into bins whose samples never touch the inf: refuse rather than differ.
     xp = get_xp(input)
     if not bool(xp.isfinite(input).all()):
-        raise ValueError("input contains NaN or inf; RoIAlign needs finite features")
+        raise NonFiniteError("input contains NaN or inf; RoIAlign needs finite features")
 
 
 def check_no_nan(input) -> None:

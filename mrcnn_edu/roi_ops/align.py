@@ -26,6 +26,7 @@ import numpy as np
 from ..backend import gpu_kernel, is_cupy_array
 from ..nn.utils import pair
 from ._checks import (
+    check_adaptive_extent,
     check_align_args,
     check_align_grad,
     check_finite_features,
@@ -44,13 +45,15 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     output_size: ``PH`` or ``(PH, PW)``.
     spatial_scale: feature pixels per image pixel (1/16 for a stride-16 map).
     sampling_ratio: bilinear samples per bin side; ``<= 0`` means adaptive,
-        ``ceil(roi_size / output_size)`` per RoI and axis.
+        ``ceil(roi_size / output_size)`` per RoI and axis (then a RoI over 4x the map's size
+        is refused: its samples, memory and time would grow with it).
     aligned: subtract half a pixel from the scaled RoI (Detectron2's pixel model). When False
         (torchvision's default) RoIs are also at least 1 feature pixel wide and high.
     Returns (K, C, PH, PW) in input's dtype.
     """
     input, rois, (ph, pw) = check_pool_args(input, rois, output_size, spatial_scale)
     sampling_ratio, aligned = check_align_args(sampling_ratio, aligned)
+    check_adaptive_extent(rois, input.shape, spatial_scale, sampling_ratio)
     check_finite_features(input)
     if is_cupy_array(input):
         fn = gpu_kernel("roi_align", "roi_align")
@@ -76,6 +79,7 @@ def roi_align_backward(
         grad_output, rois, shape, output_size, spatial_scale
     )
     sampling_ratio, aligned = check_align_args(sampling_ratio, aligned)
+    check_adaptive_extent(rois, shape, spatial_scale, sampling_ratio)
     check_grad_shape(grad_output, (rois.shape[0], shape[1], ph, pw))
     if is_cupy_array(grad_output):
         fn = gpu_kernel("roi_align", "roi_align_backward")
