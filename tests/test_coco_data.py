@@ -3,6 +3,7 @@ an error that names the file and the problem for every kind of bad input."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,12 @@ pytest.importorskip("pycocotools")
 from PIL import Image  # noqa: E402  (Pillow comes with matplotlib, as pycocotools needs it)
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from mrcnn_edu.data.coco import CocoDataset  # noqa: E402
+from mrcnn_edu.data.coco import (  # noqa: E402
+    CocoDataset,
+    find_coco_problems,
+    validate_coco_instances,
+)
+from mrcnn_edu.data.rle import compressed_rle_counts  # noqa: E402
 from mrcnn_edu.data.shapes import ShapesDataset, write_coco  # noqa: E402
 
 SQUARE = [10, 10, 30, 10, 30, 30, 10, 30]  # polygon of the 20x20 square [10, 30) x [10, 30)
@@ -268,3 +274,109 @@ def test_error_for_an_unreadable_image(tmp_path):
         f.write("not a png")
     with pytest.raises(ValueError, match=r"cannot read image file .*1\.png"):
         CocoDataset(json_path, root)[0]
+
+
+# ---- compressed RLE strings are decoded when the file loads ---------------------------------
+# The 4x5 mask of test_uncompressed_and_compressed_rle has runs [5, 3, 4, 1, 7]; pycocotools
+# writes them "534N3": 5, 3, 4 as themselves (chr(48 + n)); from the fourth on, the difference
+# with the count two before: 1 - 3 = -2 is 30 ('N', 5 bits with the sign bit 0x10 set, 30 - 32),
+# and 7 - 4 = 3.
+
+
+def test_compressed_rle_counts_decodes_the_hand_written_string():
+    assert compressed_rle_counts("534N3").tolist() == [5, 3, 4, 1, 7]
+    assert compressed_rle_counts("534N").tolist() == [5, 3, 4, 1]
+    assert compressed_rle_counts("PP4").tolist() == [4096]  # groups 0, 0, 4; 0x20: more follow
+    with pytest.raises(ValueError, match=r"'5N'.*a run length is negative"):
+        compressed_rle_counts("5N")  # the second count is written as is: -2
+
+
+def runs_by_definition(mask):
+    """Run lengths of a mask read column by column, starting with a (possibly empty) run of 0."""
+    pixels = np.concatenate([[0], mask.ravel(order="F"), [2]])  # 2: closes the last run
+    changes = np.flatnonzero(pixels[1:] != pixels[:-1])
+    runs = np.diff(np.concatenate([[0], changes]))
+    return runs.tolist()
+
+
+def test_compressed_rle_counts_of_pycocotools_strings_are_the_masks_runs():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        height, width = rng.integers(1, 30, size=2)
+        mask = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        if trial % 2:  # long runs too, whose differences take several characters
+            mask = np.zeros((height * 40, width * 40), np.uint8)
+            mask[rng.integers(0, height * 40) :, rng.integers(0, width * 40) :] = 1
+        counts = mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+        assert compressed_rle_counts(counts).tolist() == runs_by_definition(mask)
+
+
+@pytest.mark.parametrize(
+    "counts, reason",
+    [
+        ("534N", r"its runs cover 13 pixels, not height \* width = 20"),  # one run short
+        ("534N31", r"its runs cover 22 pixels, not height \* width = 20"),  # a sixth run, 1 + 1
+        ("534N3z", r"character 'z' is not in '0'..'o'"),
+        ("534NP", r"stops in the middle of a number"),  # 'P' = 0x20: more should follow
+        ("534N3ooooooooP0", r"a number is longer than 7 characters"),
+        ("é", r"non-ASCII"),
+    ],
+)
+def test_undecodable_compressed_rle_fails_at_load_naming_file_image_and_annotation(
+    tmp_path, counts, reason
+):
+    good = {"size": [4, 5], "counts": "534N3"}
+    annotations = [
+        ann(1, good, [1, 0, 3, 4], image_id=3),
+        ann(7, {"size": [4, 5], "counts": counts}, [1, 0, 3, 4], image_id=3),
+    ]
+    json_path, root = make_coco(tmp_path, annotations, images=[image_entry(3, 4, 5)])
+    with pytest.raises(
+        ValueError, match=r"annotations\[1\] \(id 7, image_id 3\): compressed RLE"
+    ) as info:
+        CocoDataset(json_path, root)
+    assert "instances.json" in str(info.value) and "cannot be decoded" in str(info.value)
+    assert re.search(reason, str(info.value))
+
+
+def test_find_coco_problems_lists_all_and_validate_raises_the_first():
+    content = good_content()
+    content["annotations"] += [
+        ann(2, {"size": [40, 40], "counts": "PP4"}, [0, 0, 5, 5]),  # 4096 pixels, not 1600
+        ann(3, [SQUARE], [1, 2, 3]),
+        ann(4, {"size": 40, "counts": "x"}, [0, 0, 5, 5], image_id=[1]),
+    ]
+    content["images"].append({"id": [2], "file_name": "2.png", "width": 4, "height": 4})
+    content["categories"].append({"id": {"a": 1}, "name": "odd"})
+    problems = find_coco_problems(content, source="mine.json")
+    assert [p.split(": ")[1] for p in problems] == [
+        "images[1]",
+        "categories[1]",
+        "annotations[1] (id 2, image_id 1)",
+        "annotations[2] (id 3, image_id 1)",
+        "annotations[3] (id 4, image_id [1])",
+    ]
+    assert "image id must be an integer, got [2]" in problems[0]
+    assert "category id must be an integer" in problems[1]
+    assert "its runs cover 4096 pixels, not height * width = 1600" in problems[2]
+    assert "bad bbox [1, 2, 3]" in problems[3]
+    assert "refers to image_id [1], not in 'images'" in problems[4]
+    with pytest.raises(ValueError) as info:
+        validate_coco_instances(content, source="mine.json")
+    assert str(info.value) == problems[0]
+    assert find_coco_problems(good_content()) == []
+
+
+def test_find_coco_problems_names_each_missing_image_file(tmp_path):
+    images = [image_entry(i, 8, 8) for i in (4, 5, 6)]
+    json_path, root = make_coco(tmp_path, [], images=images, write_images=False)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(root, "5.png"))
+    with open(json_path) as f:
+        problems = find_coco_problems(json.load(f), root, source="x.json")
+    assert problems == [
+        f"x.json: images[0] (id 4): image file '4.png' not found under {root!r}",
+        f"x.json: images[2] (id 6): image file '6.png' not found under {root!r}",
+    ]
+    assert find_coco_problems(
+        {"images": [], "annotations": [], "categories": []}, tmp_path / "no"
+    ) == [f"<dict>: image folder {os.fspath(tmp_path / 'no')!r} does not exist"]
