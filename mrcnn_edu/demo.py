@@ -8,48 +8,73 @@ triangles with exact masks) -> train the small configuration with the Trainer (p
 CSV log, checkpoints) -> predict on the held-out images -> COCO bbox and segm AP via
 pycocotools -> ``predictions.png`` (ground truth beside predictions) and ``loss_curve.png``.
 Everything lands in the output folder, together with ``config.json`` (enough to rebuild the
-model for ``mrcnn-edu evaluate``/``predict``) and ``metrics.json``. The run's settings and its
-datasets (``RunConfig``, ``build_datasets``, the demo presets) are in ``run_config.py``;
-``mrcnn-edu train`` runs this same pipeline on a config of its own.
+model for ``mrcnn-edu evaluate``/``predict``; every checkpoint keeps a copy too),
+``classes.json`` and ``metrics.json`` (``run_folder.py`` lists a run's files). The run's
+settings and its datasets (``RunConfig``, ``build_datasets``, the demo presets) are in
+``run_config.py``; ``mrcnn-edu train`` runs this same pipeline on a config of its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 
+from .data.transforms import build_augment
 from .mask_rcnn import MaskRCNN
 from .progress import progress_bar
-from .run_config import RUN_CONFIG_NAME, RunConfig, build_datasets
+from .run_config import (
+    RUN_CONFIG_NAME,
+    RunConfig,
+    build_datasets,
+    check_resume_fits,
+    data_fingerprint,
+    run_classes,
+    save_run_classes,
+)
+from .run_folder import (
+    atomic_write_text,
+    check_run_folder,
+    clear_run_files,
+    remove_stale_temp_files,
+)
 from .train import Trainer
+from .train_eval import COCO_METRICS, coco_evaluator
 
 
-def run_demo(cfg: RunConfig, resume: str | None = None) -> dict:
+def run_demo(
+    cfg: RunConfig, resume: str | None = None, overwrite: bool = False, strict: bool = True
+) -> dict:
     """Train, evaluate and draw. Returns ``{"metrics", "figures", "out_dir", "seconds",
-    "train_seconds"}``."""
+    "train_seconds"}``.
+
+    Args:
+        cfg: the run; its ``train.out_dir`` is the run folder.
+        resume: a checkpoint or run folder to continue (``Trainer.resume``), with ``strict``.
+        overwrite: start over in a folder that holds a run, deleting that run's files.
+
+    Nothing is written before every check has passed: the folder (``check_run_folder``: a
+    folder holding a run needs ``resume`` or ``overwrite``), the data, the model config and the
+    checkpoint to resume. Then ``config.json`` and ``classes.json`` are written and training
+    starts.
+    """
     out = cfg.train.out_dir
-    os.makedirs(out, exist_ok=True)
-    cfg.save(os.path.join(out, RUN_CONFIG_NAME))
+    check_run_folder(out, resume=resume, overwrite=overwrite)
     t0 = time.perf_counter()
-    train_set, val_set, class_names = build_datasets(cfg.data)
-    if cfg.model.num_classes != len(class_names):
-        raise ValueError(
-            f"model.num_classes={cfg.model.num_classes} but the data has {len(class_names)} "
-            f"classes {list(class_names)}"
-        )
-    print(
-        f"data: {len(train_set)} training images, "
-        f"{len(val_set) if val_set is not None else 0} held-out; classes {list(class_names)}"
-    )
+    train_set, val_set, class_names = _load_data(cfg)
     model = MaskRCNN(cfg.model, rng=cfg.train.seed)
+    trainer = _make_trainer(cfg, model, train_set, val_set)
+    if resume is not None:
+        check_resume_fits(resume, cfg)
+        trainer.resume(resume, strict=strict)
+    _start_run_folder(cfg, trainer.run_info["classes"], overwrite)
     n_params = sum(p.data.size for p in model.parameters())
     print(
         f"model: Mask R-CNN, {n_params / 1e6:.2f}M trainable parameters; "
         f"training {cfg.train.max_steps} steps of {cfg.train.batch_size} images"
     )
-    trainer = Trainer(model, train_set, cfg.train)
-    result = trainer.train(resume=resume)
+    result = trainer.train()
     train_seconds = time.perf_counter() - t0
     out_files = {
         "loss_curve": result.get("plot"),
@@ -68,12 +93,69 @@ def run_demo(cfg: RunConfig, resume: str | None = None) -> dict:
         "seconds": seconds,
         "train_seconds": train_seconds,
     }
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(
-            {"metrics": metrics, "seconds": seconds, "train_seconds": train_seconds}, f, indent=2
-        )
+    saved = {"metrics": metrics, "seconds": seconds, "train_seconds": train_seconds}
+    atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(saved, indent=2))
     _print_summary(summary)
     return summary
+
+
+def _load_data(cfg: RunConfig):
+    """``build_datasets``, checked against the model's number of classes, and described."""
+    train_set, val_set, class_names = build_datasets(cfg.data)
+    if cfg.model.num_classes != len(class_names):
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but the data has {len(class_names)} "
+            f"classes {list(class_names)}"
+        )
+    print(
+        f"data: {len(train_set)} training images, "
+        f"{len(val_set) if val_set is not None else 0} held-out; classes {list(class_names)}"
+    )
+    if val_set is None:
+        print("no held-out set (data.num_val is 0, or no validation json): evaluation skipped")
+    return train_set, val_set, class_names
+
+
+def _make_trainer(cfg: RunConfig, model, train_set, val_set) -> Trainer:
+    """The Trainer of a CLI run: evaluation on the held-out set when ``eval_every`` is set, the
+    data's fingerprint, the run config and classes kept in every checkpoint, and the command
+    that continues the run named in the message of an early stop."""
+    evaluate = None
+    if cfg.train.eval_every:
+        if val_set is None:
+            raise ValueError(
+                f"train.eval_every={cfg.train.eval_every} needs a validation set: --val-data "
+                "(COCO data) or data.num_val > 0 (shapes)"
+            )
+        evaluate = coco_evaluator(val_set)
+    run_info = {
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "classes": json.dumps(run_classes(train_set)),
+    }
+    return Trainer(
+        model,
+        train_set,
+        cfg.train,
+        augment=build_augment(cfg.data.augment),
+        evaluate=evaluate,
+        metrics=COCO_METRICS,
+        data_fingerprint=data_fingerprint(cfg.data),
+        run_info=run_info,
+        resume_command=f"mrcnn-edu train --resume {shlex.quote(cfg.train.out_dir)}",
+    )
+
+
+def _start_run_folder(cfg: RunConfig, classes_json: str, overwrite: bool) -> None:
+    """After every check passed: clear the old run (``overwrite``) and leftovers of interrupted
+    writes, then write ``config.json`` and ``classes.json``."""
+    out = cfg.train.out_dir
+    os.makedirs(out, exist_ok=True)
+    removed = clear_run_files(out) if overwrite else remove_stale_temp_files(out)
+    if removed:
+        what = "the previous run's files" if overwrite else "temporary files of interrupted writes"
+        print(f"removed {what}: {', '.join(removed)}")
+    cfg.save(os.path.join(out, RUN_CONFIG_NAME))
+    save_run_classes(out, json.loads(classes_json))
 
 
 def evaluate_model(
@@ -83,9 +165,16 @@ def evaluate_model(
     out_dir: str,
     batch_size: int = 8,
     figure_name: str = "predictions.png",
+    json_path: str | None = None,
 ):
-    """Predict on every image, run COCOeval (bbox, segm), save a predictions figure."""
-    from .evaluate import evaluate_coco, predictions_to_coco_results
+    """Predict on every image, run COCOeval (bbox, segm), save a predictions figure.
+
+    Prints COCOeval's tables and the per-class AP table; returns ``(metrics, figure path)``
+    with ``metrics = {"bbox": {..}, "segm": {..}, "per_class": {name: {..}}}`` (see
+    ``evaluate_coco``). ``json_path``: also write the COCO results there (category ids of the
+    dataset's json, every detection, as evaluated).
+    """
+    from .evaluate import evaluate_coco, predictions_to_coco_results, write_coco_results
     from .visualize import save_predictions_figure
 
     predictions, images, image_ids = [], [], []
@@ -101,8 +190,10 @@ def evaluate_model(
     if bar is not None:
         bar.close()
     results = predictions_to_coco_results(predictions, image_ids, dataset.label_to_category_id)
+    if json_path is not None:
+        print(f"results: {write_coco_results(results, json_path)}")
     gt = dataset.coco if hasattr(dataset, "coco") else dataset
-    metrics = evaluate_coco(gt, results, print_table=True, image_ids=image_ids)
+    metrics = evaluate_coco(gt, results, print_table=True, image_ids=image_ids, per_class=True)
     figure = save_predictions_figure(
         [it["image"] for it in images[:8]],
         predictions[:8],

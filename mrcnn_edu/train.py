@@ -25,44 +25,45 @@ Dataset protocol: ``len(ds)`` and ``ds[i] -> {"image": (3, H, W) float32, "boxes
 target dict.
 
 Around the loop: ``train_config.py`` (``TrainConfig``, its checks), ``train_log.py`` (``log.csv``),
-``train_guards.py`` (``TrainingDiverged``, the NaN guard, Ctrl-C held back during an update) and
-``train_checkpoint.py`` (reading a checkpoint back, ``load_checkpoint_weights``). ``TrainConfig``,
-``TrainingDiverged`` and ``load_checkpoint_weights`` are importable from here too.
+``train_guards.py`` (``TrainingDiverged``, the NaN guard, Ctrl-C and SIGTERM held back during an
+update), ``train_state.py`` (``state_dict``, ``save_checkpoint``, ``resume``: the Trainer's base
+class), ``train_checkpoint.py`` (reading a checkpoint back, ``load_checkpoint_weights``),
+``train_eval.py`` (evaluation every ``eval_every`` steps, ``best.npz``) and ``train_console.py``
+(the progress bar and log lines). ``TrainConfig``, ``TrainingDiverged`` and
+``load_checkpoint_weights`` are importable from here too.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import numbers
 import os
-import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import weights
 from .nn.module import Module
 from .nn.optim import SGD, WarmupMultiStepLR
-from .progress import progress_bar
+from .nn.utils import NonFiniteError
+from .run_folder import remove_stale_temp_files
 from .train_checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
     LAST_NAME,
-    CheckedCheckpoint,
     load_checkpoint_weights,
-    read_checkpoint,
 )
-from .train_config import TRAJECTORY_FIELDS, TrainConfig
+from .train_config import TRAJECTORY_FIELDS, TrainConfig, as_train_config, stop_step
+from .train_console import TrainConsole
+from .train_eval import BEST_NAME, periodic_evaluation
 from .train_guards import (
     TrainingDiverged,
     check_finite_gradients,
+    check_model_and_dataset,
     finite_total,
     interrupts_deferred,
     loss_dict,
+    sigterm_as_interrupt,
+    stop_message,
 )
-from .train_log import LOG_NAME, CsvLog, has_rows
+from .train_log import LOG_NAME, CsvLog, draw_curves
+from .train_state import TrainerState
 from .visualize import plot_training_curves
 
 # Re-exported: tests, notebooks and the CLI import these from here.
@@ -77,7 +78,7 @@ __all__ = [
 PLOT_NAME = "loss_curve.png"
 
 
-class Trainer:
+class Trainer(TrainerState):
     """Train ``model`` on ``dataset`` with SGD, warm-up + step decay, logs and checkpoints.
 
     Args:
@@ -87,41 +88,61 @@ class Trainer:
         dataset: ``len(dataset)`` and ``dataset[i] -> {"image": (3, H, W) float32, ...}``.
         config: a :class:`TrainConfig` or a dict for ``TrainConfig.from_dict``; None gives
             the paper's defaults.
+        augment: ``(item, rng) -> item`` applied to each training item as it is fetched
+            (``data.transforms.Augment``), drawing only from ``rng`` (``augment_rng``).
+        evaluate: ``model -> {metric: float}`` (``train_eval.coco_evaluator(val_set)``), run
+            every ``config.eval_every`` steps and at the end; it cannot change the run.
+        metrics: the names ``evaluate`` returns (``log.csv`` columns); the first ranks the
+            evaluations (higher is better) and the best model is kept in ``best.npz``.
+        data_fingerprint: a description of the training data (e.g. the annotation file's
+            sha256) saved in checkpoints; ``resume`` refuses a checkpoint with another one.
+        run_info: ``{name: str}`` saved as ``run/<name>`` in every checkpoint, not read by the
+            trainer (the CLI stores the run config and class names there).
+        resume_command: the shell command that continues this run (``mrcnn-edu train --resume
+            RUN``), named in the message printed when training stops early; None names the
+            Python call instead.
 
     Attributes:
         step: optimizer steps taken so far (0 for a fresh run).
         optimizer: the :class:`SGD` over ``model.parameters()``.
         scheduler: the :class:`WarmupMultiStepLR` driving ``optimizer.lr``.
-        data_rng, model_rng: the two generators, seeded from ``config.seed`` as independent
-            streams, so how many numbers the model draws never changes the data order.
+        data_rng, model_rng, augment_rng: the three generators, seeded from ``config.seed``
+            as independent streams (``SeedSequence(seed).spawn(3)``: the first two are those
+            of ``spawn(2)``), so the model's and augmentation's draws never change the data.
         last_losses: the losses of the latest step, ``{name: float}``.
     """
 
-    def __init__(self, model: Module, dataset, config: TrainConfig | Mapping | None = None):
-        if not isinstance(model, Module):
-            raise ValueError(
-                f"model must be a mrcnn_edu.nn.module.Module, got {type(model).__name__}"
-            )
-        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-            raise ValueError(
-                f"dataset must support len() and indexing, got {type(dataset).__name__}"
-            )
-        if len(dataset) == 0:
-            raise ValueError("dataset is empty; there is nothing to train on")
-        if config is None:
-            config = TrainConfig()
-        elif isinstance(config, Mapping):
-            config = TrainConfig.from_dict(config)
-        elif not isinstance(config, TrainConfig):
-            raise ValueError(f"config must be a TrainConfig or a dict, got {type(config)}")
+    def __init__(
+        self,
+        model: Module,
+        dataset,
+        config: TrainConfig | Mapping | None = None,
+        augment: Callable[[dict, np.random.Generator], dict] | None = None,
+        *,
+        evaluate: Callable[[Module], Mapping] | None = None,
+        metrics: Sequence[str] = (),
+        data_fingerprint: str = "",
+        run_info: Mapping[str, str] | None = None,
+        resume_command: str | None = None,
+    ):
+        check_model_and_dataset(model, dataset)
+        config = as_train_config(config)
         self.model = model
         self.dataset = dataset
         self.config = config
+        self._eval = periodic_evaluation(config.eval_every, evaluate, metrics)
+        self.data_fingerprint = str(data_fingerprint)
+        self.run_info = {str(k): str(v) for k, v in (run_info or {}).items()}
+        self.resume_command = resume_command
 
-        data_seed, model_seed = np.random.SeedSequence(config.seed).spawn(2)
+        data_seed, model_seed, augment_seed = np.random.SeedSequence(config.seed).spawn(3)
         self.data_rng = np.random.default_rng(data_seed)
         self.model_rng = np.random.default_rng(model_seed)
+        self.augment_rng = np.random.default_rng(augment_seed)
         model.rng = self.model_rng
+        if augment is not None and not callable(augment):
+            raise ValueError(f"augment must be a callable (item, rng) -> item, got {augment!r}")
+        self.augment = augment
 
         self.optimizer = SGD(
             model.parameters(),
@@ -137,8 +158,7 @@ class Trainer:
         self._position = 0
         self._epoch = 0
         self._log: CsvLog | None = None  # opened on the first step at the current self.step
-        self._bar = None  # the tqdm bar while train() runs with progress
-        self._window: dict[str, list[float]] = {}  # losses since the last plain log line
+        self._console = TrainConsole()
 
     # -- paths ---------------------------------------------------------------------------------
     @property
@@ -152,6 +172,10 @@ class Trainer:
     @property
     def last_checkpoint_path(self) -> str:
         return os.path.join(self.config.out_dir, LAST_NAME)
+
+    @property
+    def best_checkpoint_path(self) -> str:
+        return os.path.join(self.config.out_dir, BEST_NAME)
 
     def checkpoint_path(self, step: int) -> str:
         return os.path.join(self.config.out_dir, f"checkpoint_{step}.npz")
@@ -167,66 +191,69 @@ class Trainer:
                 look at a run half-way; a later ``train()`` continues exactly.
 
         Returns:
-            ``{"step", "losses" (of the last step), "checkpoint", "log", "plot"}``; ``plot`` is
-            None without matplotlib.
+            ``{"step", "losses" (of the last step), "checkpoint", "log", "plot", "best",
+            "evaluation"}``; ``plot`` is None without matplotlib; with evaluation on, ``best``
+            is the path of ``best.npz`` and ``evaluation`` the latest ``{metric: value}``
+            (else None and ``{}``).
 
         Raises:
             TrainingDiverged: a loss or gradient was NaN/inf; ``last.npz`` holds the state
                 before the failing step.
-            KeyboardInterrupt: re-raised after ``last.npz`` is written, so no finished step
-                is lost.
+            KeyboardInterrupt: Ctrl-C, or :class:`~mrcnn_edu.train_guards.TrainingTerminated`
+                for SIGTERM; re-raised after ``last.npz`` is written, so no finished step is
+                lost.
         """
         if resume is not None:
             self.resume(resume)
-        stop = self._stop_step(until)
+        stop = stop_step(until, self.step, self.config.max_steps)
         os.makedirs(self.config.out_dir, exist_ok=True)
+        removed = remove_stale_temp_files(self.config.out_dir)
+        if removed:
+            self._say(f"removed temporary files of interrupted writes: {', '.join(removed)}")
         self.model.train()
         self.model.rng = self.model_rng
-        self._bar = self._progress_bar() if self.config.progress else None
-        self._window = {}
-        self._run_until(stop)
-        self._close_bar()
-        self.save_checkpoint(self.last_checkpoint_path)
+        self._console.open(self.config.progress, self.config.max_steps, self.step)
+        with sigterm_as_interrupt():
+            self._run_until(stop)
         plot = self._plot()
+        if self._eval is not None and self._eval.last_step == self.config.max_steps:
+            self._say(self._eval.summary())
         return {
             "step": self.step,
             "losses": dict(self.last_losses),
             "checkpoint": self.last_checkpoint_path,
             "log": self.log_path,
             "plot": plot,
+            "best": self.best_checkpoint_path if self._eval is not None else None,
+            "evaluation": dict(self._eval.last) if self._eval is not None else {},
         }
 
-    def _stop_step(self, until) -> int:
-        """The global step ``train`` stops after: ``until``, checked, or ``max_steps``."""
-        stop = self.config.max_steps if until is None else until
-        if isinstance(stop, bool) or not isinstance(stop, numbers.Integral):
-            raise ValueError(f"until must be an integer step, got {until!r}")
-        if not self.step <= stop <= self.config.max_steps:
-            raise ValueError(
-                f"until={stop} must lie between the current step {self.step} and "
-                f"max_steps={self.config.max_steps}"
-            )
-        return stop
-
     def _run_until(self, stop: int) -> None:
-        """Steps, reports and periodic checkpoints up to step ``stop``. On any exception (a
-        divergence, Ctrl-C) the state after the last completed step is saved, then re-raised."""
+        """Steps, reports, evaluations and periodic checkpoints up to step ``stop``, then
+        ``last.npz``. On any exception (a divergence, Ctrl-C, SIGTERM) the state after the last
+        completed step is saved, then re-raised."""
         before = self._snapshot()
+        c = self.config
         try:
             while self.step < stop:
                 before = self._snapshot()
                 losses = self.train_step()
-                self._report(losses)
-                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                lr = self.scheduler.lr_at(self.step - 1)  # the rate this step used
+                self._console.report(self.step, c.max_steps, c.log_every, lr, losses)
+                if self._eval is not None and self._eval.due(self.step, c.max_steps):
+                    self._evaluate()
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
                     self.save_checkpoint(self.checkpoint_path(self.step))
                     self.save_checkpoint(self.last_checkpoint_path)
                     self._plot()
+            self._console.close()
+            self.save_checkpoint(self.last_checkpoint_path)
         except BaseException as err:
             if self.step == before["step"]:
                 # The step did not complete: rewind the generators and the data order too, so
                 # the saved state is exactly "after the previous step".
                 self._restore(before)
-            self._close_bar()
+            self._console.close()
             self._save_after_failure(err)
             raise
 
@@ -244,8 +271,8 @@ class Trainer:
             (step, lr, losses, total, seconds) is appended to ``log.csv``.
 
         Raises:
-            TrainingDiverged: before any parameter changes, if a loss, their sum or a gradient
-                is not finite.
+            TrainingDiverged: before any parameter changes, if a loss, their sum, a gradient or
+                a feature map an op refuses (``NonFiniteError``) is not finite.
         """
         started = time.perf_counter()
         if (images is None) != (targets is None):
@@ -256,14 +283,18 @@ class Trainer:
         lr = self.optimizer.lr
 
         self.model.zero_grad()
-        losses = loss_dict(self.model.forward(images, targets))
+        try:
+            losses = loss_dict(self.model.forward(images, targets))
+        except NonFiniteError as err:  # NaN/inf features met by an op that refuses them
+            raise TrainingDiverged(step, "a feature map of the forward", float("nan")) from err
         total = finite_total(step, losses)  # or TrainingDiverged, before anything changes
         self.model.backward()
         check_finite_gradients(step, self.model)
 
         log = self._open_log()
-        # Update, count and log as one unit: a Ctrl-C arriving here waits until all three are
-        # done, so a checkpoint never holds half-updated parameters or a step without its row.
+        # Update, count and log as one unit: a Ctrl-C (or SIGTERM) arriving here waits until all
+        # three are done, so a checkpoint never holds half-updated parameters or a step without
+        # its row.
         with interrupts_deferred():
             self.optimizer.step()
             self.scheduler.step()
@@ -272,95 +303,7 @@ class Trainer:
             log.append(step, lr, losses, total, time.perf_counter() - started)
         return losses
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The whole training state as a nested dict for ``weights.save`` (format in
-        ``docs/training.md``): no pickled objects, generator states as JSON strings."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "step": self.step,
-            "config": json.dumps(self.config.to_dict(), sort_keys=True),
-            "model_class": type(self.model).__name__,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": {
-                "data": json.dumps(self.data_rng.bit_generator.state),
-                "model": json.dumps(self.model_rng.bit_generator.state),
-            },
-            "data": {
-                "order": np.asarray(self._order, dtype=np.int64),
-                "position": self._position,
-                "epoch": self._epoch,
-                "dataset_len": len(self.dataset),
-            },
-        }
-
-    def save_checkpoint(self, path: str | os.PathLike | None = None) -> str:
-        """Write the training state atomically (default ``out_dir/last.npz``); returns the path."""
-        path = os.fspath(path) if path is not None else self.last_checkpoint_path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        weights.save(path, self.state_dict())
-        return path
-
-    def resume(self, path: str | os.PathLike, strict: bool = True) -> Trainer:
-        """Load a checkpoint written by this trainer so the next step is the one that followed.
-
-        Args:
-            path: a checkpoint ``.npz``, or a run folder (then its ``last.npz``).
-            strict: require every config field that changes the numbers (``TRAJECTORY_FIELDS``)
-                to match the checkpoint's, which is what makes the resumed run exact. With
-                False, the new values are used from here on (e.g. a lower ``lr`` after a
-                divergence) and the run no longer matches an uninterrupted one.
-
-        Raises:
-            ValueError: the file is not a trainer checkpoint, the config differs (the message
-                lists the fields), or the model or dataset does not fit it.
-        """
-        checked = read_checkpoint(
-            path, self.config, len(self.dataset), (self.data_rng, self.model_rng), strict
-        )
-        self._load_state(checked, strict)
-        changed = [c.split(":")[0] for c in checked.changed]
-        note = f" with changed {', '.join(changed)}" if changed else ""
-        self._say(f"resumed from {checked.path} at step {checked.step}{note}")
-        return self
-
     # -- helpers -------------------------------------------------------------------------------
-    def _load_state(self, ckpt: CheckedCheckpoint, strict: bool) -> None:
-        """Put a checked checkpoint's state into the model, optimizer, scheduler, generators
-        and data order. Not strict: the optimizer's hyper-parameters and the schedule come from
-        the current config, at the checkpoint's step."""
-        path, step = ckpt.path, ckpt.step
-        try:
-            self.model.load_state_dict(ckpt.model)
-        except ValueError as err:
-            raise ValueError(
-                f"{path!r} (saved from a {ckpt.model_class}) does not fit this "
-                f"{type(self.model).__name__}: {err}"
-            ) from err
-        self.optimizer.load_state_dict(ckpt.optimizer)
-        if strict:
-            self.scheduler.load_state_dict(ckpt.scheduler)
-        else:
-            self.optimizer.momentum = self.config.momentum
-            self.optimizer.weight_decay = self.config.weight_decay
-            self.scheduler = self._make_scheduler()
-            self.scheduler.iteration = step
-            self.optimizer.lr = self.scheduler.lr_at(step)
-        if not self.optimizer.step_count == self.scheduler.iteration == step:
-            raise ValueError(
-                f"{path!r} is inconsistent: step {step}, optimizer step "
-                f"{self.optimizer.step_count}, scheduler iteration {self.scheduler.iteration}"
-            )
-        self.data_rng.bit_generator.state = ckpt.data_rng
-        self.model_rng.bit_generator.state = ckpt.model_rng
-        self.model.rng = self.model_rng
-        self._order, self._position, self._epoch = ckpt.order, ckpt.position, ckpt.epoch
-        self.step = step
-        self._log = None  # reopened at this step: rows logged after the checkpoint are dropped
-
     def _make_scheduler(self) -> WarmupMultiStepLR:
         c = self.config
         return WarmupMultiStepLR(
@@ -398,7 +341,9 @@ class Trainer:
                 raise ValueError(
                     f"dataset[{i}]['image'] must be (3, H, W), got {getattr(image, 'shape', None)}"
                 )
-            images.append(image)
+            if self.augment is not None:
+                item = self.augment(item, self.augment_rng)
+            images.append(item["image"])
             targets.append({k: v for k, v in item.items() if k != "image"})
         return images, targets
 
@@ -408,6 +353,7 @@ class Trainer:
             "step": self.step,
             "data_rng": self.data_rng.bit_generator.state,
             "model_rng": self.model_rng.bit_generator.state,
+            "augment_rng": self.augment_rng.bit_generator.state,
             "order": self._order,
             "position": self._position,
             "epoch": self._epoch,
@@ -416,10 +362,22 @@ class Trainer:
     def _restore(self, snap: dict) -> None:
         self.data_rng.bit_generator.state = snap["data_rng"]
         self.model_rng.bit_generator.state = snap["model_rng"]
+        self.augment_rng.bit_generator.state = snap["augment_rng"]
         self._order, self._position, self._epoch = snap["order"], snap["position"], snap["epoch"]
 
+    def _evaluate(self) -> None:
+        """Evaluate after this step without changing the run (see ``PeriodicEvaluation.run``);
+        the metrics go into the step's log row, and a new best model into ``best.npz``."""
+        rngs = (self.data_rng, self.model_rng, self.augment_rng)
+        values, improved = self._eval.run(self.model, self.step, rngs)
+        self._open_log().fill(self.step, values)
+        if improved:
+            self.save_checkpoint(self.best_checkpoint_path)
+        self._say(self._eval.line())
+
     def _save_after_failure(self, err: BaseException) -> None:
-        """Write last.npz after an exception in the loop, and say why; never hide ``err``."""
+        """Write last.npz after an exception in the loop, and say why (one message, naming how
+        to continue); never hide ``err``. ``err.saved_checkpoint`` tells callers it was said."""
         try:
             path = self.save_checkpoint(self.last_checkpoint_path)
             self._plot()
@@ -428,71 +386,24 @@ class Trainer:
             return
         if isinstance(err, TrainingDiverged):
             err.checkpoint = path
-            self._say(str(err))
-        elif isinstance(err, KeyboardInterrupt):
-            self._say(
-                f"interrupted: the state after step {self.step} is saved in {path}; "
-                f"continue with train(resume={path!r})"
-            )
+        if isinstance(err, (TrainingDiverged, KeyboardInterrupt)):
+            lr = self.config.lr
+            self._say(stop_message(err, self.step, path, self.resume_command, lr))
+            err.saved_checkpoint = path
         else:
             self._say(f"{type(err).__name__} during step {self.step + 1}; state saved in {path}")
 
     def _open_log(self) -> CsvLog:
         if self._log is None:
             os.makedirs(self.config.out_dir, exist_ok=True)
-            self._log = CsvLog(self.log_path, keep_through=self.step)
+            metrics = self._eval.metrics if self._eval is not None else ()
+            self._log = CsvLog(self.log_path, keep_through=self.step, metrics=metrics)
         return self._log
 
-    def _report(self, losses: dict) -> None:
-        """Progress bar postfix every step, or a plain line of means every ``log_every``."""
-        if self._bar is not None:
-            shown = {**losses, "total": math.fsum(losses.values())}
-            self._bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
-            self._bar.update(1)
-            return
-        self._window = {k: self._window.get(k, []) + [v] for k, v in losses.items()}
-        if self.step % self.config.log_every and self.step != self.config.max_steps:
-            return
-        means = {k: math.fsum(v) / len(v) for k, v in self._window.items()}
-        parts = [f"{k} {v:.4f}" for k, v in means.items()]
-        parts.append(f"total {math.fsum(means.values()):.4f}")
-        lr = self.scheduler.lr_at(self.step - 1)  # the rate this step used
-        print(f"step {self.step}/{self.config.max_steps}  lr {lr:.5g}  " + "  ".join(parts))
-        self._window = {}
-
     def _plot(self) -> str | None:
-        """Redraw ``loss_curve.png`` from ``log.csv`` (written to a temporary file, then
-        renamed); None without matplotlib or log rows. A failed drawing never stops training."""
-        if not has_rows(self.log_path):
-            return None
-        directory, name = os.path.split(os.path.abspath(self.plot_path))
-        # The temporary name keeps the .png suffix: savefig picks the format from it.
-        tmp = os.path.join(directory, f".{secrets.token_hex(4)}.{name}")
-        try:
-            plot_training_curves(self.log_path, tmp)
-            os.replace(tmp, self.plot_path)
-        except ImportError:
-            return None
-        except Exception as err:
-            self._say(f"(loss curve not drawn: {type(err).__name__}: {err})")
-            return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return self.plot_path
-
-    def _progress_bar(self):
-        return progress_bar(
-            self.config.max_steps, "train", "step", initial=self.step, dynamic_ncols=True
-        )
+        """Redraw ``loss_curve.png`` from ``log.csv``; None without matplotlib or log rows. A
+        failed drawing is reported and never stops training."""
+        return draw_curves(self.log_path, self.plot_path, plot_training_curves, self._say)
 
     def _say(self, message: str) -> None:
-        if self._bar is not None:
-            self._bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._console.say(message)

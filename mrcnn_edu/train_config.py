@@ -13,21 +13,10 @@ import numbers
 import os
 from collections.abc import Mapping
 
-import numpy as np
+from .config_checks import ConfigError, Rule, check_fields
 
-# Fields converted to float / int before any range check (bools and strings are refused).
-_REAL_FIELDS = ("lr", "momentum", "weight_decay", "warmup_factor", "gamma")
-_INTEGER_FIELDS = (
-    "batch_size",
-    "max_steps",
-    "warmup_iters",
-    "checkpoint_every",
-    "log_every",
-    "seed",
-)
-
-# (field, test, what the test requires): checked in this order, the first failure raises
-# "<field> <requirement>, got <value>".
+# (field, test, what the test requires): after the type check of each field's hint
+# (config_checks.check_fields), a failure raises "<field> <requirement>, got <value>".
 _RANGE_RULES = (
     ("lr", lambda v: v > 0, "must be > 0"),
     ("momentum", lambda v: 0 <= v < 1, "must lie in [0, 1)"),
@@ -39,11 +28,14 @@ _RANGE_RULES = (
     ("log_every", lambda v: v >= 1, "must be >= 1"),
     ("warmup_iters", lambda v: v >= 0, "must be >= 0"),
     ("checkpoint_every", lambda v: v >= 0, "must be >= 0"),
+    ("eval_every", lambda v: v >= 0, "must be >= 0 (0: no evaluation during training)"),
     ("seed", lambda v: v >= 0, "must be >= 0"),
+    ("out_dir", lambda v: bool(v), "must be a non-empty path"),
 )
 
 # Fields that change the numbers a run computes. A resumed run reproduces an uninterrupted one
-# only if they all match; the others (where files go, how often to log) may change freely.
+# only if they all match; the others (where files go, how often to log or evaluate) may change
+# freely.
 TRAJECTORY_FIELDS = (
     "lr",
     "momentum",
@@ -80,6 +72,9 @@ class TrainConfig:
         checkpoint_every: write ``checkpoint_<step>.npz`` and ``last.npz`` every this many
             steps (0: only ``last.npz`` at the end, on interrupt and on divergence).
         log_every: steps between plain log lines (used when there is no progress bar).
+        eval_every: evaluate on the validation set every this many steps and at the end,
+            recording the scores in ``log.csv`` and keeping ``best.npz`` (0: off). Needs an
+            ``evaluate`` callable for the Trainer (``mrcnn-edu train --val-data``).
         seed: seeds the trainer's two generators (data order, model sampling).
         out_dir: folder for ``log.csv``, ``loss_curve.png`` and the checkpoints.
         progress: show a tqdm bar (when tqdm is installed) instead of plain log lines.
@@ -99,20 +94,17 @@ class TrainConfig:
     gamma: float = 0.1
     checkpoint_every: int = 5000
     log_every: int = 20
+    eval_every: int = 0
     seed: int = 0
     out_dir: str = "runs/train"
     progress: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # the dataclass is frozen; validation normalises in place
-        for name in _REAL_FIELDS:
-            set_(self, name, _real(name, getattr(self, name)))
-        for name in _INTEGER_FIELDS:
-            set_(self, name, _integer(name, getattr(self, name)))
-        for name, holds, requirement in _RANGE_RULES:
-            value = getattr(self, name)
-            if not holds(value):
-                raise ValueError(f"{name} {requirement}, got {value}")
+        if isinstance(self.out_dir, os.PathLike):
+            set_(self, "out_dir", os.fspath(self.out_dir))
+        # types from the fields' hints (bools and strings are refused as numbers), then ranges
+        check_fields(self, {name: Rule(holds, text) for name, holds, text in _RANGE_RULES})
         if self.warmup_iters > self.max_steps:
             raise ValueError(
                 f"warmup_iters={self.warmup_iters} exceeds max_steps={self.max_steps}: the rate "
@@ -120,12 +112,6 @@ class TrainConfig:
             )
         set_(self, "milestones", _milestone_fractions(self.milestones))
         self.milestone_steps()  # the fractions must also give distinct steps >= 1
-        if not isinstance(self.out_dir, (str, os.PathLike)) or not os.fspath(self.out_dir):
-            raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
-        set_(self, "out_dir", os.fspath(self.out_dir))
-        if not isinstance(self.progress, (bool, np.bool_)):
-            raise ValueError(f"progress must be True or False, got {self.progress!r}")
-        set_(self, "progress", bool(self.progress))
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainConfig:
@@ -158,30 +144,52 @@ class TrainConfig:
         return steps
 
 
-def _real(name: str, value) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+def as_train_config(config: TrainConfig | Mapping | None) -> TrainConfig:
+    """``config`` itself, ``TrainConfig.from_dict(config)`` for a dict, the defaults for None."""
+    if config is None:
+        return TrainConfig()
+    if isinstance(config, Mapping):
+        return TrainConfig.from_dict(config)
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig or a dict, got {type(config)}")
+    return config
 
 
-def _integer(name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _milestone_fractions(milestones) -> tuple[float, ...]:
-    if isinstance(milestones, (str, bytes)) or not hasattr(milestones, "__iter__"):
-        raise ValueError(f"milestones must be a list of fractions of max_steps, got {milestones!r}")
-    values = tuple(_real("milestones entry", m) for m in milestones)
-    if any(not 0 < f < 1 for f in values):
+def stop_step(until, step: int, max_steps: int) -> int:
+    """The global step a ``Trainer.train(until=...)`` call stops after: ``until``, checked to be
+    an integer in ``[step, max_steps]``, or ``max_steps`` when it is None."""
+    stop = max_steps if until is None else until
+    if isinstance(stop, bool) or not isinstance(stop, numbers.Integral):
+        raise ValueError(f"until must be an integer step, got {until!r}")
+    if not step <= stop <= max_steps:
         raise ValueError(
-            f"milestones are fractions of max_steps and must lie in (0, 1), got {list(values)} "
-            "(e.g. 0.75 for the paper's 120k of 160k)"
+            f"until={stop} must lie between the current step {step} and max_steps={max_steps}"
         )
-    if any(b <= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"milestones must be strictly increasing, got {list(values)}")
-    return values
+    return stop
+
+
+def fit_milestones(milestones, max_steps: int) -> tuple[float, ...]:
+    """The milestone fractions a run of ``max_steps`` can use: those whose steps
+    ``round(f * max_steps)`` are >= 1 and strictly increasing, in order (a later fraction that
+    lands on the same step as the one before is dropped). Unchanged whenever they already fit;
+    ``(0.8, 0.93)`` for 2 steps becomes ``(0.8,)``."""
+    kept, last = [], 0
+    for f in milestones:
+        step = int(math.floor(f * max_steps + 0.5))
+        if step > last:
+            kept.append(f)
+            last = step
+    return tuple(kept)
+
+
+def _milestone_fractions(milestones: tuple[float, ...]) -> tuple[float, ...]:
+    """The checks of the (already type-checked) fractions: in (0, 1), increasing."""
+    if any(not 0 < f < 1 for f in milestones):
+        raise ConfigError(
+            "milestones",
+            f"are fractions of max_steps and must lie in (0, 1), got {list(milestones)} "
+            "(e.g. 0.75 for the paper's 120k of 160k)",
+        )
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise ConfigError("milestones", f"must be strictly increasing, got {list(milestones)}")
+    return milestones

@@ -1,11 +1,14 @@
-"""How a training run fails without losing work: the NaN guard and Ctrl-C held back.
+"""How a training run fails without losing work: the NaN guard, Ctrl-C and SIGTERM held back.
 
 - The NaN guard: before any update, every loss, their sum and every gradient must be finite;
   otherwise :class:`TrainingDiverged` is raised and the update is never applied (one NaN update
   would spread NaN into every parameter it touches).
 - :func:`interrupts_deferred`: the update, the step counter and the log row run as one unit; a
-  Ctrl-C arriving during them takes effect once all are done, so a checkpoint never holds
-  half-updated parameters.
+  Ctrl-C (or SIGTERM) arriving during them takes effect once all are done, so a checkpoint
+  never holds half-updated parameters.
+- :func:`sigterm_as_interrupt`: SIGTERM (``kill``, batch schedulers) raises
+  :class:`TrainingTerminated`, a ``KeyboardInterrupt``, so it saves the state like Ctrl-C.
+- :func:`stop_message`: the one message saying why a run stopped and how to continue it.
 
 ``docs/training.md`` ("Interrupts", "The NaN guard") tells the story.
 """
@@ -53,6 +56,16 @@ class TrainingDiverged(RuntimeError):
         )
 
 
+def check_model_and_dataset(model, dataset) -> None:
+    """What the Trainer needs: a Module, and a non-empty dataset with len() and indexing."""
+    if not isinstance(model, Module):
+        raise ValueError(f"model must be a mrcnn_edu.nn.module.Module, got {type(model).__name__}")
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise ValueError(f"dataset must support len() and indexing, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty; there is nothing to train on")
+
+
 def loss_dict(losses) -> dict[str, float]:
     """What ``model.forward`` returned, checked and converted: ``{name: float}``, non-empty,
     with string names that are not columns of ``log.csv``."""
@@ -96,24 +109,91 @@ def check_finite_gradients(step: int, model: Module) -> None:
             raise TrainingDiverged(step, f"gradient of {name}", float(p.grad[~finite][0]))
 
 
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Hold back SIGINT (Ctrl-C) for the duration of the block, then raise KeyboardInterrupt.
+class TrainingTerminated(KeyboardInterrupt):
+    """SIGTERM (what ``kill`` and batch schedulers send) arrived while training: handled like
+    Ctrl-C -- the state after the last completed step is saved -- and the CLI exits with 143."""
 
-    Only the main thread receives signals in Python; elsewhere the block runs unprotected.
+
+def _raise_terminated(signum, frame):
+    raise TrainingTerminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM raises :class:`TrainingTerminated` instead of ending the
+    process at once, so the trainer can save its state first.
+
+    Only a default SIGTERM disposition is replaced (an ignored SIGTERM, or a handler installed
+    by someone else, is left alone), and only in the main thread, where Python runs handlers.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # a handler installed outside Python: leave it alone
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
         yield
         return
-    received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold back SIGINT (Ctrl-C) and SIGTERM for the duration of the block; afterwards each one
+    that arrived is passed to its own handler (``KeyboardInterrupt``, ``TrainingTerminated``).
+
+    A signal whose handler is not a Python function (default or ignored, or set outside
+    Python) is left alone. Only the main thread receives signals in Python; elsewhere the block
+    runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            handlers[signum] = handler
+    received = []
+    for signum in handlers:
+        signal.signal(signum, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    for signum in received:
+        handlers[signum](signum, None)
+
+
+def stop_message(
+    err: BaseException, step: int, checkpoint: str, resume_command: str | None, lr: float
+) -> str:
+    """The one message printed when a training run stops early: what stopped it, where the
+    state after step ``step`` is saved, and how to continue -- the CLI command when
+    ``resume_command`` is given (``mrcnn-edu train --resume RUN``), else the Python call."""
+    if isinstance(err, TrainingDiverged):
+        if resume_command is None:
+            how = (
+                f"Trainer(...).resume({checkpoint!r}, strict=False) with a config of a lower lr "
+                "(the schedule is rebuilt at the new rate)"
+            )
+        else:
+            how = (
+                f"`{resume_command} --lr {lr / 2:g}` (half the rate: the schedule is rebuilt at "
+                "the new rate from this step, a non-strict resume, so the run then differs from "
+                "an uninterrupted one)"
+            )
+        return f"{err} To continue at a lower learning rate: {how}."
+    if resume_command is None:
+        how = f"trainer.train(resume={checkpoint!r})"
+    else:
+        how = f"`{resume_command}`"
+    cause = "stopped by SIGTERM" if isinstance(err, TrainingTerminated) else "interrupted (Ctrl-C)"
+    return (
+        f"{cause}: the state after step {step} is saved in {checkpoint}; continue exactly "
+        f"where it stopped with {how}"
+    )

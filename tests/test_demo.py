@@ -28,13 +28,17 @@ def test_quick_demo_loss_falls_and_writes_everything(quick_run):
     total = np.array([float(r.split(",")[header.index("total")]) for r in rows[1:]])
     assert len(total) == 60
     assert total[-15:].mean() < 0.8 * total[:15].mean()
-    for name in ("predictions.png", "loss_curve.png", "config.json", "metrics.json", "last.npz"):
+    files = ("predictions.png", "loss_curve.png", "config.json", "metrics.json", "last.npz")
+    for name in files + ("classes.json",):
         assert (out / name).stat().st_size > 0, name
+    # no evaluation during the demo's training: the log has exactly the loss columns
+    assert header[-2:] == ["total", "seconds"] and not any("AP" in c for c in header)
     m = summary["metrics"]
-    assert set(m) == {"bbox", "segm"}
-    assert all(0.0 <= m[t]["AP50"] <= 1.0 for t in m)
+    assert set(m) == {"bbox", "segm", "per_class"}
+    assert all(0.0 <= m[t]["AP50"] <= 1.0 for t in ("bbox", "segm"))
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"]["segm"]["AP"] == m["segm"]["AP"]
+    assert list(saved["metrics"]["per_class"]) == ["circle", "square", "triangle"]
 
 
 def test_cli_evaluate_and_predict_on_the_run(quick_run, tmp_path, capsys):

@@ -28,6 +28,8 @@ from mrcnn_edu.train import (
     TrainingDiverged,
     load_checkpoint_weights,
 )
+from mrcnn_edu.train_checkpoint import read_run_info
+from mrcnn_edu.train_guards import TrainingTerminated
 from mrcnn_edu.visualize import plot_training_curves
 
 SIZE = 12
@@ -313,20 +315,25 @@ def test_keyboard_interrupt_saves_last_good_state(tmp_path, reference):
     assert without_seconds(read_log(resumed.log_path)) == without_seconds(reference[1])
 
 
-def test_ctrl_c_during_the_update_finishes_the_step_first(tmp_path, reference):
-    """A real SIGINT sent while SGD updates the parameters is held back until the step (update,
-    counter, log row) is complete; the checkpoint is then the state after that step."""
-    cfg = config(tmp_path, "sigint")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_update_finishes_the_step_first(tmp_path, reference, signum):
+    """A real SIGINT (Ctrl-C) or SIGTERM sent while SGD updates the parameters is held back
+    until the step (update, counter, log row) is complete; the checkpoint is then the state
+    after that step."""
+    if signum == signal.SIGTERM:
+        needs_default_sigterm()
+    cfg = config(tmp_path, "signal")
     trainer = Trainer(ToyModel(), ToySquares(), cfg)
     original_step = trainer.optimizer.step
 
-    def step_with_ctrl_c():
+    def step_with_signal():
         if trainer.optimizer.step_count == 3:  # the 4th update
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         original_step()
 
-    trainer.optimizer.step = step_with_ctrl_c
-    with pytest.raises(KeyboardInterrupt):
+    trainer.optimizer.step = step_with_signal
+    raised = TrainingTerminated if signum == signal.SIGTERM else KeyboardInterrupt
+    with pytest.raises(raised):
         trainer.train()
     assert trainer.step == 4
     assert int(weights.load(trainer.last_checkpoint_path)["step"]) == 4
@@ -524,6 +531,230 @@ def test_trajectory_fields_are_config_fields():
     assert names - set(TRAJECTORY_FIELDS) == {
         "checkpoint_every",
         "log_every",
+        "eval_every",
         "out_dir",
         "progress",
     }
+
+
+# -- SIGTERM and the message of an early stop ---------------------------------------------------
+
+
+def needs_default_sigterm():
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("SIGTERM has a handler in this process; the trainer leaves it alone")
+
+
+class TerminatedModel(ToyModel):
+    """Sends SIGTERM to its own process during its ``at``-th forward call."""
+
+    def __init__(self, at: int, **kw):
+        super().__init__(**kw)
+        self.at = at
+
+    def forward(self, images, targets):
+        losses = super().forward(images, targets)
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses
+
+
+def test_sigterm_saves_the_state_like_ctrl_c(tmp_path, reference):
+    needs_default_sigterm()
+    cfg = config(tmp_path, "terminated")
+    trainer = Trainer(TerminatedModel(at=5), ToySquares(), cfg)
+    with pytest.raises(TrainingTerminated):
+        trainer.train()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    assert int(weights.load(trainer.last_checkpoint_path)["step"]) == 4
+    resumed = Trainer(ToyModel(), ToySquares(), cfg)
+    resumed.train(resume=cfg.out_dir)
+    assert_params_identical(params(resumed.model), reference[0])
+    assert without_seconds(read_log(resumed.log_path)) == without_seconds(reference[1])
+
+
+def test_one_message_names_how_to_continue(tmp_path, capsys):
+    cfg = config(tmp_path, "stopped")
+    command = "mrcnn-edu train --resume runs/x"
+    trainer = Trainer(FailingModel(fail_at=5, how="interrupt"), ToySquares(), cfg)
+    trainer.resume_command = command
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer.train()
+    assert info.value.saved_checkpoint == trainer.last_checkpoint_path
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "saved" in ln]
+    assert lines == [
+        f"interrupted (Ctrl-C): the state after step 4 is saved in {trainer.last_checkpoint_path}"
+        f"; continue exactly where it stopped with `{command}`"
+    ]
+    diverging = Trainer(FailingModel(fail_at=2, how="nan"), ToySquares(), config(tmp_path, "nan"))
+    diverging.resume_command = command
+    with pytest.raises(TrainingDiverged):
+        diverging.train()
+    said = capsys.readouterr().out
+    assert said.count("training diverged") == 1
+    assert f"`{command} --lr 0.025` (half the rate" in said and "non-strict" in said
+    api = Trainer(FailingModel(fail_at=2, how="interrupt"), ToySquares(), config(tmp_path, "api"))
+    with pytest.raises(KeyboardInterrupt):
+        api.train()
+    assert f"trainer.train(resume={api.last_checkpoint_path!r})" in capsys.readouterr().out
+
+
+# -- evaluation during training ------------------------------------------------------------------
+
+
+class ScriptedEvaluation:
+    """An evaluate callable that, like a real one, runs the model (which draws from model.rng)
+    and draws numbers itself; returns the next scripted score and records the model's mode."""
+
+    def __init__(self, scores):
+        self.scores = list(scores)
+        self.modes: list[bool] = []
+        self.batch = ToySquares(n=2, seed=5).items
+
+    def __call__(self, model):
+        self.modes.append(model.training)
+        model.rng.standard_normal(7)
+        losses = model.forward([it["image"] for it in self.batch], self.batch)
+        return {"score": self.scores.pop(0), "val_loss": sum(losses.values())}
+
+
+def eval_trainer(tmp_path, name, scores, **overrides):
+    cfg = config(tmp_path, name, **{"eval_every": 2, **overrides})
+    evaluate = ScriptedEvaluation(scores)
+    trainer = Trainer(
+        ToyModel(), ToySquares(), cfg, evaluate=evaluate, metrics=("score", "val_loss")
+    )
+    return trainer, evaluate
+
+
+def test_evaluation_does_not_change_the_run(tmp_path, reference):
+    first, evaluate = eval_trainer(tmp_path, "eval", [0.1, 0.2, 0.3])
+    first.train(until=3)
+    assert evaluate.modes == [False] and first.model.training  # eval mode, then back
+    second, _ = eval_trainer(tmp_path, "eval", [0.2, 0.3])
+    second.train(resume=first.last_checkpoint_path)
+    assert_params_identical(params(second.model), reference[0])  # as if never evaluated
+    rows = read_log(second.log_path)
+    losses = [{k: r[k] for k in ("step", "lr", "loss_cls", "loss_box", "total")} for r in rows]
+    assert losses == [{k: r[k] for k in losses[0]} for r in reference[1]]
+    assert [r["score"] for r in rows] == ["", "0.1", "", "0.2", "", "0.3"]
+    assert list(rows[0])[-2:] == ["score", "val_loss"]
+
+
+def test_best_checkpoint_keeps_the_highest_score_across_a_resume(tmp_path, capsys):
+    first, _ = eval_trainer(tmp_path, "best", [0.1, 0.5])
+    first.train(until=4)
+    assert int(weights.load(first.best_checkpoint_path)["step"]) == 4
+    best = first.best_checkpoint_path
+    second, _ = eval_trainer(tmp_path, "best", [0.3])
+    result = second.train(resume=first.last_checkpoint_path)
+    assert int(weights.load(best)["step"]) == 4  # 0.3 at step 6 is not better than 0.5
+    assert result["best"] == best and result["evaluation"]["score"] == 0.3
+    said = capsys.readouterr().out
+    assert "eval at step 6: score 0.3000" in said
+    assert "validation: best score 0.5000 at step 4, kept in best.npz; last score 0.3000" in said
+
+
+def test_evaluation_needs_an_evaluate_returning_the_metrics(tmp_path):
+    with pytest.raises(ValueError, match="eval_every=2 needs an evaluate callable"):
+        Trainer(ToyModel(), ToySquares(), config(tmp_path, eval_every=2))
+    trainer = Trainer(
+        ToyModel(),
+        ToySquares(),
+        config(tmp_path, eval_every=2),
+        evaluate=lambda model: {"other": 1.0},
+        metrics=("score",),
+    )
+    with pytest.raises(ValueError, match=r"must return a dict with the metrics \['score'\]"):
+        trainer.train()
+
+
+def test_log_gains_score_columns_when_a_resumed_run_evaluates(tmp_path):
+    cfg = config(tmp_path, "late")
+    Trainer(ToyModel(), ToySquares(), cfg).train(until=3)
+    later, _ = eval_trainer(tmp_path, "late", [0.4, 0.6], eval_every=4)
+    later.train(resume=cfg.out_dir)
+    rows = read_log(later.log_path)
+    assert [r["score"] for r in rows] == ["", "", "", "0.4", "", "0.6"]
+
+
+def test_training_curves_get_a_score_panel():
+    from mrcnn_edu.visualize import _training_curves_figure
+
+    log = {
+        "step": np.arange(1.0, 7.0),
+        "lr": np.full(6, 0.1),
+        "loss_cls": np.linspace(1.0, 0.5, 6),
+        "segm_AP": np.array([np.nan, 0.1, np.nan, 0.3, np.nan, 0.4]),
+    }
+    pytest.importorskip("matplotlib")
+    fig = _training_curves_figure(log, "step")
+    losses, scores, lr = fig.axes
+    assert [ln.get_label() for ln in losses.lines] == ["loss_cls"]
+    (line,) = scores.lines
+    assert line.get_label() == "segm_AP" and list(line.get_xdata()) == [2.0, 4.0, 6.0]
+    no_scores = {k: v for k, v in log.items() if k != "segm_AP"}
+    assert len(_training_curves_figure(no_scores, "step").axes) == 2  # losses and the lr axis
+
+
+# -- what a checkpoint records, and leftovers ----------------------------------------------------
+
+
+def test_resume_refuses_another_data_fingerprint(tmp_path):
+    cfg = config(tmp_path)
+    Trainer(ToyModel(), ToySquares(), cfg, data_fingerprint="shapes seed=1").train(until=2)
+    other = Trainer(ToyModel(), ToySquares(), cfg, data_fingerprint="shapes seed=2")
+    with pytest.raises(
+        ValueError, match=r"other data \(shapes seed=1\), this run has shapes seed=2"
+    ):
+        other.resume(cfg.out_dir)
+    Trainer(ToyModel(), ToySquares(), cfg).resume(cfg.out_dir)  # no fingerprint: not compared
+
+
+def test_an_incomplete_checkpoint_names_what_it_lacks(tmp_path):
+    trainer = Trainer(ToyModel(), ToySquares(), config(tmp_path))
+    state = trainer.state_dict()
+    del state["rng"], state["step"]
+    path = str(tmp_path / "incomplete.npz")
+    weights.save(path, state)
+    with pytest.raises(ValueError, match=r"lacks \['step', 'rng/data', 'rng/model'\]"):
+        trainer.resume(path)
+
+
+def test_run_info_is_kept_and_read_without_the_parameters(tmp_path):
+    cfg = config(tmp_path)
+    trainer = Trainer(ToyModel(), ToySquares(), cfg, run_info={"config": '{"a": 1}', "note": "x"})
+    trainer.train(until=1)
+    assert read_run_info(cfg.out_dir) == {"config": '{"a": 1}', "note": "x"}
+    bare = str(tmp_path / "bare.npz")
+    weights.save(bare, trainer.model.state_dict())
+    assert read_run_info(bare) == {}
+
+
+def test_leftover_temp_files_are_removed_when_training_starts(tmp_path, capsys):
+    cfg = config(tmp_path)
+    os.makedirs(cfg.out_dir)
+    leftovers = [
+        ".last.npz.4194305.abcdef12.tmp",
+        ".log.csv.4194305.abcdef12.tmp",
+        ".abcdef12.loss_curve.png",
+    ]
+    for name in leftovers + ["keep.tmp"]:
+        open(os.path.join(cfg.out_dir, name), "w").close()
+    Trainer(ToyModel(), ToySquares(), cfg).train(until=1)
+    names = set(os.listdir(cfg.out_dir))
+    assert "keep.tmp" in names and not set(leftovers) & names
+    assert "removed temporary files of interrupted writes" in capsys.readouterr().out
+
+
+def test_a_checkpoint_without_the_optional_entries_still_resumes(tmp_path, reference):
+    """Checkpoints written before the data fingerprint and run records existed."""
+    cfg = config(tmp_path, "older")
+    first = Trainer(ToyModel(), ToySquares(), cfg, data_fingerprint="f", run_info={"a": "b"})
+    first.train(until=3)
+    state = weights.load(first.last_checkpoint_path, nested=True)
+    del state["data"]["fingerprint"], state["run"]
+    weights.save(first.last_checkpoint_path, state)
+    resumed = Trainer(ToyModel(), ToySquares(), cfg, data_fingerprint="f")
+    resumed.train(resume=cfg.out_dir)
+    assert_params_identical(params(resumed.model), reference[0])
