@@ -11,15 +11,19 @@ The path from a model to the numbers::
     results = predictions_to_coco_results(predictions, image_ids, dataset.label_to_category_id)
     metrics = evaluate_coco(gt, results)        # gt: json path, COCO dict or pycocotools COCO
     metrics["segm"]["AP50"]
+    evaluate_coco(gt, results, per_class=True)["per_class"]["circle"]["segm_AP"]
+    write_coco_results(results, "results.json")  # for COCO.loadRes and other tools
 
 A value of -1 means "no ground truth in this group" (e.g. APl when no object is large): the
-COCO convention, kept so the table reads like every other COCO table.
+COCO convention, kept so the table reads like every other COCO table. Per class
+(``per_class_metrics``), a class without ground truth has AP ``None`` and prints as ``-``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from collections.abc import Mapping, Sequence
 
@@ -34,6 +38,7 @@ from .data.coco import (
     validate_coco_instances,
 )
 from .data.shapes import ShapesDataset, to_coco_dict
+from .run_folder import atomic_write_text
 
 STAT_NAMES = (
     "AP",
@@ -106,13 +111,46 @@ def predictions_to_coco_results(
     return results
 
 
+def write_coco_results(results: Sequence[Mapping], path: str | os.PathLike) -> str:
+    """Write COCO results (``predictions_to_coco_results``) as a json list; return the path.
+
+    The file is written atomically (a temporary file in the same folder, then ``os.replace``):
+    an existing file at ``path`` is either left whole or replaced whole. It loads with
+    ``pycocotools``' ``COCO.loadRes`` and as ``results`` of ``evaluate_coco``.
+    """
+    path = check_results_path(path)
+    try:
+        text = json.dumps(list(results), allow_nan=False)  # NaN is not JSON: refuse, not write
+        return atomic_write_text(path, text)
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise ValueError(f"cannot write results json {path!r}: {reason}") from err
+
+
+def check_results_path(path: str | os.PathLike) -> str:
+    """``path`` as a str if a results json can be created there, else a clear error (checked
+    before a long prediction, so a typo costs nothing)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"results json {path!r} is a folder; give a file name like results.json")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"cannot write results json {path!r}: folder {folder!r} does not exist (or is a file)"
+        )
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write results json {path!r}: folder {folder!r} is read-only")
+    return path
+
+
 def evaluate_coco(
     gt,
     results,
     iou_types: Sequence[str] = IOU_TYPES,
     print_table: bool = True,
     image_ids: Sequence[int] | None = None,
-) -> dict[str, dict[str, float]]:
+    per_class: bool = False,
+) -> dict[str, dict]:
     """Run COCOeval for each IoU type and return ``{iou_type: {"AP": .., ..., "ARl": ..}}``.
 
     Args:
@@ -125,17 +163,24 @@ def evaluate_coco(
         print_table: print COCOeval's standard twelve-line table for each type.
         image_ids: evaluate on these images only (default: every ground-truth image; images
             without results then count as misses).
+        per_class: also return ``metrics["per_class"]``, the AP and AP50 of each class
+            (``per_class_metrics``), and print them as a table after COCOeval's.
     """
     coco_gt = _as_coco_gt(gt)
     results = _as_results(results)
-    metrics = {}
+    metrics, cocoevals = {}, {}
     for iou_type in iou_types:
         cocoeval, table = _run_cocoeval(coco_gt, results, iou_type, image_ids)
+        cocoevals[iou_type] = cocoeval
         metrics[iou_type] = {name: float(v) for name, v in zip(STAT_NAMES, cocoeval.stats)}
         if print_table:
             num_images = len(cocoeval.params.imgIds)
             print(f"COCO {iou_type} evaluation ({num_images} images):")
             print(table.rstrip())
+    if per_class and cocoevals:
+        metrics["per_class"] = per_class_metrics(cocoevals)
+        if print_table:
+            print(per_class_table(metrics["per_class"]))
     return metrics
 
 
@@ -156,8 +201,74 @@ def per_class_ap(
     (all of them, or only ``iou_threshold``, e.g. 0.5 for AP50), at 100 detections per image
     and the given area range (``"all"``, ``"small"``, ``"medium"``, ``"large"``). A category
     without ground truth gets -1. Averaging the classes that have ground truth gives
-    ``cocoeval.stats[0]`` (or ``stats[1]`` for ``iou_threshold=0.5``).
+    ``cocoeval.stats[0]`` (or ``stats[1]`` for ``iou_threshold=0.5``). Two categories sharing
+    a name are told apart as ``"name (id N)"``.
     """
+    aps = _category_aps(cocoeval, iou_threshold, area)
+    names = _category_names(cocoeval.cocoGt, cocoeval.params.catIds)
+    return {names[cid]: float(ap) for cid, ap in zip(cocoeval.params.catIds, aps)}
+
+
+def per_class_metrics(cocoevals: Mapping[str, object]) -> dict[str, dict]:
+    """The AP and AP50 of every class, for each evaluated IoU type, and its ground-truth count.
+
+    Args:
+        cocoevals: ``{iou_type: accumulated COCOeval}`` (see ``coco_eval``), all on the same
+            ground truth and images.
+
+    Returns:
+        ``{class name: {"category_id", "instances", "bbox_AP", "bbox_AP50", "segm_AP",
+        "segm_AP50"}}`` in category id order, with the keys of the IoU types given.
+        ``instances`` counts the class's non-crowd ground truths in the evaluated images. A
+        class without any has no AP: ``None`` (``null`` in JSON), not 0 -- nothing was missed.
+        Two categories with the same name are told apart as ``"name (id N)"``.
+    """
+    if not cocoevals:
+        raise ValueError("per_class_metrics needs at least one COCOeval")
+    first = next(iter(cocoevals.values()))
+    coco_gt, category_ids = first.cocoGt, list(first.params.catIds)
+    images = set(first.params.imgIds)
+    counts = dict.fromkeys(category_ids, 0)
+    for ann in coco_gt.anns.values():
+        if ann["image_id"] in images and not ann.get("iscrowd", 0) and ann["category_id"] in counts:
+            counts[ann["category_id"]] += 1
+    columns = {}
+    for iou_type, cocoeval in cocoevals.items():
+        if list(cocoeval.params.catIds) != category_ids:
+            raise ValueError("the COCOevals of per_class_metrics must share their categories")
+        columns[f"{iou_type}_AP"] = _category_aps(cocoeval, None, "all")
+        columns[f"{iou_type}_AP50"] = _category_aps(cocoeval, 0.5, "all")
+    names = _category_names(coco_gt, category_ids)
+    out = {}
+    for k, cid in enumerate(category_ids):
+        row = {"category_id": int(cid), "instances": counts[cid]}
+        for key, aps in columns.items():
+            row[key] = float(aps[k]) if aps[k] >= 0 else None
+        out[names[cid]] = row
+    return out
+
+
+def per_class_table(per_class: Mapping[str, Mapping]) -> str:
+    """``per_class_metrics``' result as a text table: one row per class, a column per AP and
+    the ground-truth count; a class without ground truth shows ``-``."""
+    keys = ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50")
+    ap_keys = [k for k in keys if any(k in row for row in per_class.values())]
+    headers = [k.replace("_", " ") for k in ap_keys]
+    width = max([len("class"), *(len(name) for name in per_class)])
+    lines = [
+        f"per-class AP ({len(per_class)} classes):",
+        "  ".join([f"{'class':<{width}}", *(f"{h:>9}" for h in headers), f"{'instances':>9}"]),
+    ]
+    for name, row in per_class.items():
+        cells = ["-" if row.get(k) is None else f"{row[k]:.3f}" for k in ap_keys]
+        lines.append(
+            "  ".join([f"{name:<{width}}", *(f"{c:>9}" for c in cells), f"{row['instances']:>9}"])
+        )
+    return "\n".join(lines)
+
+
+def _category_aps(cocoeval, iou_threshold, area) -> np.ndarray:
+    """``(K,)`` AP of each category of ``cocoeval.params.catIds`` (-1: no ground truth)."""
     if not getattr(cocoeval, "eval", None) or "precision" not in cocoeval.eval:
         raise ValueError("cocoeval has no results: run evaluate() and accumulate() first")
     params = cocoeval.params
@@ -176,12 +287,20 @@ def per_class_ap(
                 f"{np.round(params.iouThrs, 2).tolist()}"
             )
         precision = precision[matches]
-    out = {}
-    for k, category_id in enumerate(params.catIds):
+    aps = np.full(len(params.catIds), -1.0)
+    for k in range(len(params.catIds)):
         p = precision[:, :, k]
         valid = p[p > -1]
-        out[cocoeval.cocoGt.cats[category_id]["name"]] = float(valid.mean()) if valid.size else -1.0
-    return out
+        if valid.size:
+            aps[k] = valid.mean()
+    return aps
+
+
+def _category_names(coco_gt, category_ids) -> dict[int, str]:
+    """``{category id: name}``; a name shared by several categories gets ``" (id N)"``."""
+    names = {cid: str(coco_gt.cats[cid]["name"]) for cid in category_ids}
+    shared = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {cid: f"{n} (id {cid})" if n in shared else n for cid, n in names.items()}
 
 
 def _run_cocoeval(coco_gt, results, iou_type, image_ids):

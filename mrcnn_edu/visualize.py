@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -23,19 +24,21 @@ import numpy as np
 from .backend import to_host
 
 _HINT = "pip install 'mrcnn-edu[demo]'"
-# Qualitative colours, one per class label (label k gets _PALETTE[(k - 1) % len]): the same
-# class has the same colour in the ground-truth and the prediction panels.
+# Well-separated colours, one per instance: the d-th instance of a panel gets
+# _PALETTE[d % len(_PALETTE)], its box, mask and outline alike, so touching objects of one class
+# stay apart on screen. Neighbours in the list differ in hue, and all are bright enough to
+# show on dark and light images.
 _PALETTE = (
-    (0.90, 0.10, 0.10),
-    (0.10, 0.45, 0.95),
-    (0.10, 0.75, 0.20),
-    (1.00, 0.60, 0.00),
-    (0.60, 0.20, 0.85),
-    (0.00, 0.80, 0.80),
-    (0.95, 0.30, 0.70),
-    (0.55, 0.40, 0.20),
-    (0.60, 0.80, 0.10),
-    (0.30, 0.30, 0.30),
+    (0.90, 0.10, 0.10),  # red
+    (0.10, 0.45, 0.95),  # blue
+    (1.00, 0.85, 0.00),  # yellow
+    (0.60, 0.20, 0.85),  # purple
+    (0.10, 0.75, 0.20),  # green
+    (1.00, 0.50, 0.00),  # orange
+    (0.00, 0.80, 0.80),  # cyan
+    (0.95, 0.30, 0.70),  # pink
+    (0.60, 0.80, 0.10),  # lime
+    (0.55, 0.35, 0.15),  # brown
 )
 # Columns of a training log that are axes or settings, not losses.
 _NOT_LOSSES = {"step", "iter", "iteration", "epoch", "lr", "time", "seconds", "elapsed", "eta"}
@@ -53,6 +56,9 @@ def draw_instances(
     mask_threshold: float = 0.5,
 ):
     """Draw an image and its instances on a matplotlib ``Axes``; return the axes.
+
+    Instance ``d`` gets ``instance_colour(d)`` (box, fill, outline), so touching objects of one
+    class stay apart, and ``"name score"`` in white on a dark label beside its box.
 
     Args:
         ax: the axes to draw on.
@@ -73,14 +79,15 @@ def draw_instances(
     # extent puts pixel edges on integer coordinates, the convention boxes use.
     ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest")
     if masks is not None and len(masks):
-        _draw_masks(ax, masks, labels, mask_alpha, mask_threshold)
+        _draw_masks(ax, masks, mask_alpha, mask_threshold)
     for d, (box, label) in enumerate(zip(boxes, labels)):
-        colour = _colour(label)
+        colour = instance_colour(d)
         draw_boxes(ax, box, colour, lw=1.5)
         text = _class_name(int(label), class_names)
         if scores is not None:
             text += f" {scores[d]:.2f}"
         # Above the box, unless that would leave the image: then just inside its top edge.
+        # White on a dark box reads on any image; the box's edge ties the label to its instance.
         x1, y1 = box[:2]
         ax.text(
             x1,
@@ -91,7 +98,7 @@ def draw_instances(
             va="bottom" if y1 >= 0.08 * height else "top",
             ha="left",
             clip_on=True,
-            bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"},
+            bbox={"facecolor": (0.0, 0.0, 0.0, 0.7), "pad": 1, "edgecolor": colour, "lw": 1.0},
         )
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
@@ -142,17 +149,17 @@ def _instance_arrays(boxes, labels, masks, scores, height, width):
     return boxes, labels, masks, scores
 
 
-def _draw_masks(ax, masks, labels, mask_alpha, mask_threshold):
-    """Translucent fills in the class colours, then an outline around each mask."""
+def _draw_masks(ax, masks, mask_alpha, mask_threshold):
+    """Translucent fills in the instance colours, then an outline around each mask."""
     height, width = masks.shape[1:]
     extent = (0, width, height, 0)
     overlay = np.zeros((height, width, 4))
-    for mask, label in zip(masks, labels):
+    for d, mask in enumerate(masks):
         inside = mask > mask_threshold
-        overlay[inside, :3] = _colour(label)
+        overlay[inside, :3] = instance_colour(d)
         overlay[inside, 3] = mask_alpha
     ax.imshow(overlay, extent=extent, interpolation="nearest")
-    for mask, label in zip(masks, labels):
+    for d, mask in enumerate(masks):
         if (mask > mask_threshold).any():
             # contour runs through pixel centres, which sit at +0.5 with this extent.
             ax.contour(
@@ -160,7 +167,7 @@ def _draw_masks(ax, masks, labels, mask_alpha, mask_threshold):
                 np.arange(height) + 0.5,
                 (mask > mask_threshold).astype(float),
                 levels=[0.5],
-                colors=[_colour(label)],
+                colors=[instance_colour(d)],
                 linewidths=1.0,
             )
 
@@ -255,9 +262,11 @@ def plot_training_curves(
 
     Args:
         log: a CSV file with a header row (as the trainer writes) or ``{column: values}``.
-            Every numeric column is a loss except ``x_key`` and the bookkeeping columns
-            (``step``, ``epoch``, ``lr``, ``time`` ...); ``lr``, when present, is drawn dashed
-            on a second axis. Empty cells and non-positive losses are left out of the plot.
+            Every numeric column is a loss except ``x_key``, the bookkeeping columns
+            (``step``, ``epoch``, ``lr``, ``time`` ...) and validation scores (``AP``,
+            ``segm_AP50``, ...); ``lr``, when present, is drawn dashed on a second axis. Empty
+            cells and non-positive losses are left out of the plot. Scores, when a column has
+            any, get a second panel below (the trainer's ``eval_every``).
         path: the PNG to write.
         x_key: the column used as the x axis (default ``"step"``; row number if absent).
     """
@@ -275,14 +284,40 @@ def _training_curves_figure(columns: dict[str, np.ndarray], x_key: str):
         raise ValueError(f"log columns must be non-empty and of one length, got {sorted(lengths)}")
     (length,) = lengths
     x = columns.get(x_key, np.arange(length, dtype=np.float64))
-    losses = {k: v for k, v in columns.items() if k.lower() not in _NOT_LOSSES and k != x_key}
+    scores = {k: v for k, v in columns.items() if _is_score(k) and np.isfinite(v).any()}
+    losses = {
+        k: v
+        for k, v in columns.items()
+        if k.lower() not in _NOT_LOSSES and k != x_key and not _is_score(k)
+    }
     if not losses:
         raise ValueError(
             f"the log has no loss columns (columns: {sorted(columns)}); expected e.g. "
             f"'loss', 'loss_classifier'"
         )
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
+    x_label = x_key if x_key in columns else "row"
+    if not scores:
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        ax.set_xlabel(x_label)
+    else:  # a second panel below: the validation scores at the steps they were measured
+        fig = Figure(figsize=(7, 6.5))
+        ax, ax_scores = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 2)})
+        _draw_scores(ax_scores, x, scores)
+        ax_scores.set_xlabel(x_label)
+    _draw_losses(ax, x, losses)
+    lr_key = next((k for k in columns if k.lower() == "lr"), None)
+    if lr_key is not None:
+        ax_lr = ax.twinx()
+        ax_lr.plot(x, columns[lr_key], color="grey", ls="--", lw=1.0)
+        ax_lr.set_ylabel("learning rate (dashed)", color="grey")
+    fig.tight_layout()
+    return fig
+
+
+def _draw_losses(ax, x: np.ndarray, losses: dict[str, np.ndarray]) -> None:
+    """Each loss against the step on a log axis; long runs as running means over faint raw
+    curves."""
     window = max(len(x) // 50, 1) if len(x) >= SMOOTH_FROM else 1
     for name, values in losses.items():
         values = np.where(values > 0, values, np.nan)  # a log axis cannot show <= 0
@@ -296,17 +331,30 @@ def _training_curves_figure(columns: dict[str, np.ndarray], x_key: str):
         (raw,) = ax.plot(x, values, lw=0.5, alpha=0.2, label="_nolegend_")
         ax.plot(x, running_mean(values, window), lw=lw, color=raw.get_color(), label=name)
     ax.set_yscale("log")
-    ax.set_xlabel(x_key if x_key in columns else "row")
     ax.set_ylabel("loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left", ncol=2, framealpha=0.8)
-    lr_key = next((k for k in columns if k.lower() == "lr"), None)
-    if lr_key is not None:
-        ax_lr = ax.twinx()
-        ax_lr.plot(x, columns[lr_key], color="grey", ls="--", lw=1.0)
-        ax_lr.set_ylabel("learning rate (dashed)", color="grey")
-    fig.tight_layout()
-    return fig
+
+
+def _draw_scores(ax, x: np.ndarray, scores: dict[str, np.ndarray]) -> None:
+    """Validation scores (AP, AP50, ...) at the rows that have them, as dots joined by lines;
+    a linear axis from 0."""
+    for name, values in scores.items():
+        measured = np.isfinite(values)
+        ax.plot(x[measured], values[measured], marker="o", ms=3, lw=1.2, label=name)
+    ax.set_ylim(bottom=0.0)
+    ax.set_ylabel("validation")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", ncol=2, framealpha=0.8)
+
+
+# A validation score column of log.csv: AP or AR, optionally with a threshold or size suffix
+# (AP50, APs, AR100), alone or after a prefix (segm_AP, bbox_AP50).
+_SCORE_COLUMN = re.compile(r"(?:.*_)?A[PR](?:\d+|[sml])?")
+
+
+def _is_score(name: str) -> bool:
+    return _SCORE_COLUMN.fullmatch(name) is not None
 
 
 SMOOTH_FROM = 100  # logs with at least this many rows get running-mean curves
@@ -363,8 +411,10 @@ def _image_hwc(image) -> np.ndarray:
     return np.clip(image.astype(np.float64), 0.0, 1.0)
 
 
-def _colour(label) -> tuple[float, float, float]:
-    return _PALETTE[(int(label) - 1) % len(_PALETTE)]
+def instance_colour(index: int) -> tuple[float, float, float]:
+    """The RGB colour (floats in [0, 1]) ``draw_instances`` gives its ``index``-th instance:
+    a fixed palette of ten well-separated colours, cycled."""
+    return _PALETTE[int(index) % len(_PALETTE)]
 
 
 def _class_name(label: int, class_names) -> str:

@@ -21,6 +21,7 @@ from mrcnn_edu.evaluate import (  # noqa: E402
     evaluate_coco,
     per_class_ap,
     predictions_to_coco_results,
+    write_coco_results,
 )
 
 H = W = 100
@@ -268,3 +269,84 @@ def test_ground_truth_without_area_or_iscrowd_gets_the_coco_defaults():
     assert metrics["segm"]["AP"] == pytest.approx(1.0)
     assert metrics["segm"]["APs"] == pytest.approx(1.0)  # area 400 filled in from the polygon
     assert "area" not in gt["annotations"][0]  # the caller's dict is left as it was
+
+
+def test_per_class_metrics_of_a_hand_built_set(capsys):
+    # a: both objects found exactly -> 1. b: its object missed (a crowd of b is not counted)
+    # -> 0. d (id 12): one of two objects found -> precision 1 up to recall 1/2, 0 above: the
+    # 51 of 101 recall points 0, 0.01, ..., 0.50 -> 51/101. c (id 7): no ground truth, one
+    # false positive -> no AP (None, printed "-"), not 0.
+    a2, d1, d2 = (1, 60, 10, 90, 35), (12, 10, 60, 30, 90), (12, 40, 60, 45, 65)
+    gt = gt_dict([A, a2, B, d1, d2], crowds=[(2, 85, 85, 100, 100)])
+    gt["categories"] += [{"id": 12, "name": "d"}, {"id": 7, "name": "c"}]
+    detections = [(1, 0.9, *A[1:]), (1, 0.8, *a2[1:]), (12, 0.7, *d1[1:]), (7, 0.95, 0, 0, 5, 5)]
+    results = predictions_to_coco_results([prediction(detections)], [1])
+    metrics = evaluate_coco(gt, results, per_class=True)  # prints the tables
+    per_class = metrics["per_class"]
+    assert list(per_class) == ["a", "b", "c", "d"]  # category id order: 1, 2, 7, 12
+    expected = {"a": 1.0, "b": 0.0, "c": None, "d": 51 / 101}
+    for name, ap in expected.items():
+        row = per_class[name]
+        for key in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):
+            assert row[key] == (None if ap is None else pytest.approx(ap)), (name, key)
+    counts = {name: (row["category_id"], row["instances"]) for name, row in per_class.items()}
+    assert counts == {"a": (1, 2), "b": (2, 1), "c": (7, 0), "d": (12, 2)}
+    assert '"bbox_AP": null' in json.dumps(per_class)  # JSON null, not NaN or -1
+    # the classes with ground truth average to COCOeval's AP
+    assert np.mean([1.0, 0.0, 51 / 101]) == pytest.approx(metrics["segm"]["AP"])
+    table = capsys.readouterr().out.split("per-class AP (4 classes):\n")[1].splitlines()
+    assert [line.split() for line in table[1:]] == [
+        ["a", "1.000", "1.000", "1.000", "1.000", "2"],
+        ["b", "0.000", "0.000", "0.000", "0.000", "1"],
+        ["c", "-", "-", "-", "-", "0"],
+        ["d", "0.505", "0.505", "0.505", "0.505", "2"],
+    ]
+
+
+def test_per_class_counts_the_evaluated_images_and_iou_types_only():
+    gt = gt_dict([A, B])
+    gt["images"].append({"id": 2, "file_name": "2.png", "height": H, "width": W})
+    gt["annotations"].append({**gt["annotations"][1], "id": 3, "image_id": 2})
+    results = predictions_to_coco_results([prediction([(2, 0.9, *B[1:])])], [2])
+    metrics = evaluate_coco(gt, results, ("bbox",), print_table=False, image_ids=[2],
+                            per_class=True)  # fmt: skip
+    assert metrics["per_class"] == {
+        "a": {"category_id": 1, "instances": 0, "bbox_AP": None, "bbox_AP50": None},
+        "b": {"category_id": 2, "instances": 1, "bbox_AP": pytest.approx(1.0),
+              "bbox_AP50": pytest.approx(1.0)},
+    }  # fmt: skip
+    assert "per_class" not in evaluate(gt, [])  # off unless asked: metrics keep their keys
+
+
+def test_categories_sharing_a_name_are_told_apart():
+    gt = gt_dict([A, B])
+    gt["categories"][1]["name"] = "a"
+    per_class = evaluate(gt, [(1, 0.9, *A[1:])], per_class=True)["per_class"]
+    assert list(per_class) == ["a (id 1)", "a (id 2)"]
+    assert per_class["a (id 1)"]["segm_AP"] == pytest.approx(1.0)
+    assert per_class["a (id 2)"]["segm_AP"] == pytest.approx(0.0)
+
+
+def test_write_coco_results_loads_in_pycocotools_and_replaces_whole(tmp_path):
+    from pycocotools.coco import COCO
+
+    gt = gt_dict([A, B])
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    results = predictions_to_coco_results([prediction([(1, 0.9, *A[1:]), (2, 0.8, *B[1:])])], [1])
+    out = tmp_path / "results.json"
+    assert write_coco_results(results, out) == str(out)
+    loaded = COCO(str(path)).loadRes(str(out))
+    assert sorted(a["category_id"] for a in loaded.anns.values()) == [1, 2]
+    assert evaluate_coco(str(path), str(out), print_table=False)["segm"]["AP"] == pytest.approx(1)
+    before = out.read_text()
+    with pytest.raises(ValueError, match="cannot write results json.*Out of range float"):
+        write_coco_results([{**results[0], "score": float("nan")}], out)
+    assert out.read_text() == before  # the old file is whole, and no temp file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt.json", "results.json"]
+    with pytest.raises(FileNotFoundError, match="folder .* does not exist"):
+        write_coco_results(results, tmp_path / "missing" / "r.json")
+    with pytest.raises(FileNotFoundError, match="does not exist \\(or is a file\\)"):
+        write_coco_results(results, out / "r.json")  # under a file
+    with pytest.raises(ValueError, match="is a folder"):
+        write_coco_results(results, tmp_path)

@@ -16,6 +16,7 @@ from mrcnn_edu.visualize import (  # noqa: E402
     _training_curves_figure,
     draw_boxes,
     draw_instances,
+    instance_colour,
     plot_training_curves,
     save_predictions_figure,
     show_image,
@@ -70,6 +71,77 @@ def test_draw_instances_rejects_mismatched_inputs():
         draw_instances(ax, image, np.zeros((1, 4)), np.array([1]), np.zeros((1, 10, 10)))
     with pytest.raises(ValueError, match=r"image must be \(3, H, W\)"):
         draw_instances(ax, np.zeros((20, 20, 3)), np.zeros((1, 4)), np.array([1]))
+
+
+def two_touching_squares(size=40):
+    """A black image and two 20 x 20 masks of class 1 that share an edge at x = 20."""
+    masks = np.zeros((2, size, size), np.float32)
+    masks[0, 10:30, 0:20] = 1
+    masks[1, 10:30, 20:40] = 1
+    boxes = np.array([[0, 10, 20, 30], [20, 10, 40, 30]], np.float32)
+    return np.zeros((3, size, size), np.float32), boxes, np.array([1, 1]), masks
+
+
+def rendered_rgb(fig):
+    """The figure's pixels as Agg draws them: (rows, cols, 3) uint8."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def pixel_at(ax, pixels, x, y):
+    """The rendered pixel at data point (x, y) (display y runs up, rows run down)."""
+    px, py = ax.transData.transform((x, y))
+    return pixels[int(pixels.shape[0] - py), int(px)].astype(int)
+
+
+def test_touching_masks_of_one_class_get_different_colours_on_screen():
+    image, boxes, labels, masks = two_touching_squares()
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.subplots()
+    draw_instances(ax, image, boxes, labels, masks, np.array([0.9, 0.8]), ("square",))
+    pixels = rendered_rgb(fig)
+    left, right = pixel_at(ax, pixels, 10, 22), pixel_at(ax, pixels, 30, 22)
+    # On black, a fill of opacity 0.45 shows 0.45 x its colour.
+    for shown, d in ((left, 0), (right, 1)):
+        expected = 0.45 * 255 * np.array(instance_colour(d))
+        np.testing.assert_allclose(shown, expected, atol=3)
+    assert np.abs(left - right).sum() > 100
+    # box edge and outline in the instance's colour too
+    edges = [p.get_edgecolor()[:3] for p in ax.patches if isinstance(p, Rectangle)]
+    assert edges == [instance_colour(0), instance_colour(1)]
+    # labels: name and score, white on a dark box edged in the instance colour
+    assert [t.get_text() for t in ax.texts] == ["square 0.90", "square 0.80"]
+    for d, text in enumerate(ax.texts):
+        assert text.get_color() == "white"
+        patch = text.get_bbox_patch()
+        assert max(patch.get_facecolor()[:3]) < 0.2 and patch.get_facecolor()[3] >= 0.6
+        assert patch.get_edgecolor()[:3] == instance_colour(d)
+    # deterministic: the same drawing renders the same pixels
+    again = Figure(figsize=(4, 4), dpi=100)
+    draw_instances(again.subplots(), image, boxes, labels, masks, np.array([0.9, 0.8]), ("square",))
+    np.testing.assert_array_equal(rendered_rgb(again), pixels)
+
+
+def test_instance_colours_are_well_separated_and_cycle():
+    colours = np.array([instance_colour(d) for d in range(10)])
+    gaps = np.linalg.norm(colours[:, None] - colours[None], axis=-1) + 10 * np.eye(10)
+    assert gaps.min() > 0.25
+    assert instance_colour(10) == instance_colour(0) and instance_colour(13) == instance_colour(3)
+
+
+def test_predictions_figure_shows_each_instance_in_its_own_colour(tmp_path):
+    image, boxes, labels, masks = two_touching_squares(64)
+    prediction = {"boxes": boxes, "labels": labels, "scores": np.array([0.9, 0.8]),
+                  "masks": masks}  # fmt: skip
+    path = save_predictions_figure([image], [prediction], path=tmp_path / "p.png")
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    for d in (0, 1):
+        fill = np.round(0.45 * 255 * np.array(instance_colour(d)))
+        near = np.abs(pixels - fill).max(axis=-1) <= 3
+        assert near.sum() > 1000, d  # most of a 20 x 20 mask at ~4 screen pixels per pixel
 
 
 def test_draw_boxes_draws_unfilled_xyxy_rectangles_in_one_style():
