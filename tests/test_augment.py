@@ -375,3 +375,22 @@ def test_cli_bad_flags_are_clear_errors(tmp_path, captured_run, capsys, argv, me
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert "cfg" not in captured_run
+
+
+def test_cli_says_when_large_images_would_train_at_their_own_size(tmp_path, captured_run):
+    """A COCO set of 1100x1000 images without --min-size: a note names the flags; with them,
+    or with small images, no note."""
+    pytest.importorskip("pycocotools")
+    from mrcnn_edu.data.shapes import ShapesDataset, write_coco
+
+    big = write_coco(ShapesDataset(1, image_size=(1100, 1000), seed=0), tmp_path / "big")
+    images = str(tmp_path / "big" / "images")
+    _, out = train_cli("--data", big, "--images", images, "--out", str(tmp_path / "a"))
+    assert "1100x1000 will be trained at their own size" in out and "--min-size" in out
+    _, out = train_cli("--data", big, "--images", images, "--min-size", "800", "--max-size",
+                       "1333", "--out", str(tmp_path / "b"))  # fmt: skip
+    assert "own size" not in out
+    small = write_coco(ShapesDataset(1, image_size=(64, 64), seed=0), tmp_path / "small")
+    _, out = train_cli("--data", small, "--images", str(tmp_path / "small" / "images"),
+                       "--out", str(tmp_path / "c"))  # fmt: skip
+    assert "own size" not in out
