@@ -153,6 +153,13 @@ def _add_input_flags(train) -> None:
     train.add_argument(
         "--max-size", type=int, default=None, help="longest side after resizing (e.g. 1333)"
     )
+    train.add_argument(
+        "--anchor-sizes",
+        default=None,
+        metavar="SIZES",
+        help="the RPN's anchor sizes, one per level P2..P6, e.g. 19,38,76,152,304 (what "
+        "`mrcnn-edu inspect` suggests; default: the config's)",
+    )
 
 
 def _train(args, parser) -> int:

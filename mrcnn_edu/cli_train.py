@@ -84,6 +84,7 @@ def train_command(args, parser) -> int:
     given_data = cfg.data
     cfg.data = _data_settings(args, parser, cfg.data)
     cfg = _input_settings(args, parser, cfg, given_data)
+    cfg.model = _anchor_settings(args, parser, cfg.model)
     overrides = {"progress": cfg.train.progress and not args.no_progress}
     if args.val_data and args.eval_every is None and not cfg.train.eval_every:
         overrides["eval_every"] = cfg.train.checkpoint_every
@@ -170,6 +171,24 @@ def _input_settings(args, parser, cfg, given_data):
         f"augmentation: {', '.join(augment.active) or 'none'}; image size: {_size_rule(cfg.model)}"
     )
     return cfg
+
+
+def _anchor_settings(args, parser, model):
+    """``--anchor-sizes 19,38,76,152,304``: one size per pyramid level, into ``model.rpn``."""
+    if args.anchor_sizes is None:
+        return model
+    try:
+        sizes = tuple((int(v),) for v in args.anchor_sizes.split(","))
+    except ValueError:
+        parser.error(f"--anchor-sizes takes whole numbers separated by commas, got "
+                     f"{args.anchor_sizes!r}")  # fmt: skip
+    levels = len(model.rpn.anchor_sizes)
+    if len(sizes) != levels or min(s for (s,) in sizes) <= 0:
+        parser.error(f"--anchor-sizes needs {levels} positive sizes, one per level P2..P6, got "
+                     f"{args.anchor_sizes!r}")  # fmt: skip
+    rpn = dataclasses.replace(model.rpn, anchor_sizes=sizes)
+    print(f"anchor sizes: {', '.join(str(s) for (s,) in sizes)}")
+    return dataclasses.replace(model, rpn=rpn)
 
 
 def _config_sets_augment(path: str) -> bool:

@@ -83,7 +83,9 @@ def run_demo(
     }
     metrics = {}
     if val_set is not None:
-        metrics, figure = evaluate_model(model, val_set, class_names, out)
+        metrics, figure = evaluate_model(
+            model, val_set, class_names, out, progress=cfg.train.progress
+        )
         out_files["predictions"] = figure
     seconds = time.perf_counter() - t0
     summary = {
@@ -166,8 +168,10 @@ def evaluate_model(
     batch_size: int = 8,
     figure_name: str = "predictions.png",
     json_path: str | None = None,
+    progress: bool = True,
 ):
-    """Predict on every image, run COCOeval (bbox, segm), save a predictions figure.
+    """Predict on every image, run COCOeval (bbox, segm), save a predictions figure
+    (``progress``: a bar over the images while predicting).
 
     Prints COCOeval's tables and the per-class AP table; returns ``(metrics, figure path)``
     with ``metrics = {"bbox": {..}, "segm": {..}, "per_class": {name: {..}}}`` (see
@@ -178,7 +182,7 @@ def evaluate_model(
     from .visualize import save_predictions_figure
 
     predictions, images, image_ids = [], [], []
-    bar = progress_bar(len(dataset), "predict", "img", leave=False)
+    bar = progress_bar(len(dataset), "predict", "img", leave=False) if progress else None
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         predictions += model.predict([it["image"] for it in items])

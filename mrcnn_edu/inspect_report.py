@@ -113,8 +113,9 @@ def _anchor_lines(stats: dict) -> list[str]:
     lines += [
         f"objects no anchor matches at IoU >= 0.5: {int(unmatched.sum())} of {len(sizes)} "
         f"({100 * stats['unmatched_share']:.1f}%){missed}",
-        f"suggested anchor sizes: {_sizes_text(suggested)}; in a run config: "
-        f'"model": {{"rpn": {{"anchor_sizes": {_json_sizes(suggested)}}}}}',
+        f"suggested anchor sizes: {_sizes_text(suggested)}; train with --anchor-sizes "
+        f"{_sizes_text(suggested).replace(' ', '')} (a run config: model.rpn.anchor_sizes "
+        f"{_json_sizes(suggested)})",
         f"  on up to {SUGGESTION_SAMPLE} objects, suggested vs model anchors: unmatched "
         f"{stats['suggested_score'][0]:.1%} vs {stats['model_score'][0]:.1%}, mean best IoU "
         f"{stats['suggested_score'][1]:.2f} vs {stats['model_score'][1]:.2f}",

@@ -394,3 +394,15 @@ def test_cli_says_when_large_images_would_train_at_their_own_size(tmp_path, capt
     _, out = train_cli("--data", small, "--images", str(tmp_path / "small" / "images"),
                        "--out", str(tmp_path / "c"))  # fmt: skip
     assert "own size" not in out
+
+
+def test_cli_anchor_sizes_flag_sets_one_size_per_level(tmp_path, captured_run):
+    """``--anchor-sizes``, the form in which ``mrcnn-edu inspect`` suggests sizes."""
+    code, out = train_cli("--anchor-sizes", "19,38,76,152,304", "--out", str(tmp_path / "r"))
+    rpn = captured_run["cfg"].model.rpn
+    assert code == 0 and rpn.anchor_sizes == ((19,), (38,), (76,), (152,), (304,))
+    assert "anchor sizes: 19, 38, 76, 152, 304" in out
+    for bad in ("19,38,76", "19,38,x,152,304", "0,38,76,152,304"):
+        with pytest.raises(SystemExit) as exit_info:
+            train_cli("--anchor-sizes", bad, "--out", str(tmp_path / "r2"))
+        assert exit_info.value.code == 2

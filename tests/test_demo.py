@@ -79,3 +79,23 @@ def test_run_config_round_trip(tmp_path):
         RunConfig.from_dict({"optimizer": {}})
     with pytest.raises(ValueError, match="data"):
         RunConfig.from_dict({"data": {"sorce": "shapes"}})
+
+
+def test_evaluation_draws_no_progress_bar_when_progress_is_off(tmp_path, monkeypatch):
+    """``progress: false`` (``--no-progress``) also silences the prediction bar of the final
+    evaluation; with progress on, the bar is asked for."""
+    from mrcnn_edu import demo
+    from mrcnn_edu.data.shapes import ShapesDataset
+
+    class NoDetections:
+        def predict(self, images):
+            empty = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, int)}
+            return [{**empty, "scores": np.zeros(0), "masks": np.zeros((0, 64, 64))}] * len(images)
+
+    asked = []
+    monkeypatch.setattr(demo, "progress_bar", lambda *a, **k: asked.append(a) or None)
+    data = ShapesDataset(2, image_size=(64, 64), seed=0)
+    demo.evaluate_model(NoDetections(), data, data.class_names, str(tmp_path), progress=False)
+    assert asked == []
+    demo.evaluate_model(NoDetections(), data, data.class_names, str(tmp_path), progress=True)
+    assert len(asked) == 1

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -236,7 +237,10 @@ def test_clean_dataset_prints_statistics_and_writes_the_figure(tmp_path, capsys)
     assert "  b                    1\n  a                    2" in printed
     assert "instances per image: min 0, median 1, max 2" in printed
     assert "objects no anchor matches at IoU >= 0.5: 1 of 3 (33.3%), sizes 2.0-2.0 px" in printed
-    assert '"anchor_sizes": [[' in printed
+    # the suggestion is given as the train flag that applies it, and as the config setting
+    suggested = re.search(r"train with --anchor-sizes (\S+) \(a run config: ", printed)
+    assert suggested and len(suggested.group(1).split(",")) == 5
+    assert "model.rpn.anchor_sizes [[" in printed
     with Image.open(out) as figure:
         assert figure.size[0] > 800
     # a second run refuses to replace the figure, unless asked
