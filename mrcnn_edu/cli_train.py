@@ -238,15 +238,18 @@ def _train_settings(args, parser, train, out: str, overrides: dict):
 def _run(cfg, args, out: str) -> int:
     """``run_demo`` with SIGTERM handled like Ctrl-C; the exit status of an early stop."""
     from .demo import run_demo
+    from .distributed import abort_on_error
     from .out_paths import check_output_folder
     from .train_guards import TrainingDiverged, TrainingTerminated, sigterm_as_interrupt
 
+    comm = parallel_communicator()
     check_output_folder(out, "--out" if args.out else "the output folder (train.out_dir)")
     # --lr or --steps with --resume: continue with the new schedule (said when resuming).
     strict = not (args.resume is not None and (args.lr is not None or args.steps))
     try:
-        with sigterm_as_interrupt():
-            run_demo(cfg, resume=args.resume, overwrite=args.overwrite, strict=strict)
+        # several ranks: an error on one rank (not shared by all) ends the whole job
+        with sigterm_as_interrupt(), abort_on_error(comm):
+            run_demo(cfg, resume=args.resume, overwrite=args.overwrite, strict=strict, comm=comm)
     except TrainingDiverged:
         return 1  # the trainer has said where the state is and how to continue
     except KeyboardInterrupt as err:
@@ -255,6 +258,17 @@ def _run(cfg, args, out: str) -> int:
             _say_stopped(args.command, out, terminated)
         return 143 if terminated else 130
     return 0
+
+
+def parallel_communicator():
+    """The run's communicator (``mpiexec -n N``: MPI); ranks other than 0 print nothing on
+    stdout (their errors still reach stderr), so the console shows one run."""
+    from .distributed import get_communicator
+
+    comm = get_communicator()
+    if not comm.is_root:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the rest of the process
+    return comm
 
 
 def _say_stopped(command: str, out: str, terminated: bool) -> None:

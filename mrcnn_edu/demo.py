@@ -44,7 +44,11 @@ from .train_eval import COCO_METRICS, coco_evaluator
 
 
 def run_demo(
-    cfg: RunConfig, resume: str | None = None, overwrite: bool = False, strict: bool = True
+    cfg: RunConfig,
+    resume: str | None = None,
+    overwrite: bool = False,
+    strict: bool = True,
+    comm=None,
 ) -> dict:
     """Train, evaluate and draw. Returns ``{"metrics", "figures", "out_dir", "seconds",
     "train_seconds"}``.
@@ -53,6 +57,8 @@ def run_demo(
         cfg: the run; its ``train.out_dir`` is the run folder.
         resume: a checkpoint or run folder to continue (``Trainer.resume``), with ``strict``.
         overwrite: start over in a folder that holds a run, deleting that run's files.
+        comm: a ``distributed.Communicator`` (every rank calls ``run_demo``; rank 0 writes
+            the run folder and evaluates, the others only train); None: one process.
 
     Nothing is written before every check has passed: the folder (``check_run_folder``: a
     folder holding a run needs ``resume`` or ``overwrite``), the data, the model config and the
@@ -64,18 +70,16 @@ def run_demo(
     t0 = time.perf_counter()
     train_set, val_set, class_names = _load_data(cfg)
     model = MaskRCNN(cfg.model, rng=cfg.train.seed)
-    trainer = _make_trainer(cfg, model, train_set, val_set)
+    trainer = _make_trainer(cfg, model, train_set, val_set, comm)
     if resume is not None:
         check_resume_fits(resume, cfg)
         trainer.resume(resume, strict=strict)
-    _start_run_folder(cfg, trainer.run_info["classes"], overwrite)
-    n_params = sum(p.data.size for p in model.parameters())
-    print(
-        f"model: Mask R-CNN, {n_params / 1e6:.2f}M trainable parameters; "
-        f"training {cfg.train.max_steps} steps of {cfg.train.batch_size} images"
-    )
+    _start_training(cfg, trainer, overwrite)
     result = trainer.train()
     train_seconds = time.perf_counter() - t0
+    if not trainer.comm.is_root:  # rank 0 evaluates and writes the results
+        return {"metrics": {}, "figures": {}, "out_dir": out, "seconds": train_seconds,
+                "train_seconds": train_seconds}  # fmt: skip
     out_files = {
         "loss_curve": result.get("plot"),
         "log": result.get("log"),
@@ -101,6 +105,21 @@ def run_demo(
     return summary
 
 
+def _start_training(cfg: RunConfig, trainer: Trainer, overwrite: bool) -> None:
+    """Write the run folder's first files (rank 0, once every rank has checked the folder)
+    and say what is trained."""
+    trainer.comm.barrier()
+    if trainer.comm.is_root:
+        _start_run_folder(cfg, trainer.run_info["classes"], overwrite)
+    n_params = sum(p.data.size for p in trainer.model.parameters())
+    print(
+        f"model: Mask R-CNN, {n_params / 1e6:.2f}M trainable parameters; "
+        f"training {cfg.train.max_steps} steps of {cfg.train.batch_size} images"
+    )
+    if trainer.comm.world_size > 1:
+        print(trainer.parallel_summary())
+
+
 def _load_data(cfg: RunConfig):
     """``build_datasets``, checked against the model's number of classes, and described."""
     train_set, val_set, class_names = build_datasets(cfg.data)
@@ -118,7 +137,7 @@ def _load_data(cfg: RunConfig):
     return train_set, val_set, class_names
 
 
-def _make_trainer(cfg: RunConfig, model, train_set, val_set) -> Trainer:
+def _make_trainer(cfg: RunConfig, model, train_set, val_set, comm=None) -> Trainer:
     """The Trainer of a CLI run: evaluation on the held-out set when ``eval_every`` is set, the
     data's fingerprint, the run config and classes kept in every checkpoint, and the command
     that continues the run named in the message of an early stop."""
@@ -144,6 +163,7 @@ def _make_trainer(cfg: RunConfig, model, train_set, val_set) -> Trainer:
         data_fingerprint=data_fingerprint(cfg.data),
         run_info=run_info,
         resume_command=f"mrcnn-edu train --resume {shlex.quote(cfg.train.out_dir)}",
+        comm=comm,
     )
 
 

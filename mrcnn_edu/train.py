@@ -41,9 +41,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .distributed import Communicator, rank_seeds, shard
 from .nn.module import Module
 from .nn.optim import SGD, WarmupMultiStepLR
-from .nn.utils import NonFiniteError
 from .run_folder import remove_stale_temp_files
 from .train_checkpoint import (
     LAST_NAME,
@@ -58,11 +58,11 @@ from .train_guards import (
     check_model_and_dataset,
     finite_total,
     interrupts_deferred,
-    loss_dict,
     sigterm_as_interrupt,
     stop_message,
 )
 from .train_log import LOG_NAME, CsvLog, draw_curves
+from .train_parallel import TrainerParallel
 from .train_state import TrainerState
 from .visualize import plot_training_curves
 
@@ -78,7 +78,7 @@ __all__ = [
 PLOT_NAME = "loss_curve.png"
 
 
-class Trainer(TrainerState):
+class Trainer(TrainerState, TrainerParallel):
     """Train ``model`` on ``dataset`` with SGD, warm-up + step decay, logs and checkpoints.
 
     Args:
@@ -101,6 +101,8 @@ class Trainer(TrainerState):
         resume_command: the shell command that continues this run (``mrcnn-edu train --resume
             RUN``), named in the message printed when training stops early; None names the
             Python call instead.
+        comm: a :class:`~mrcnn_edu.distributed.Communicator` for data-parallel training (one
+            Trainer per rank, see ``train_parallel.py``); None: a single process.
 
     Attributes:
         step: optimizer steps taken so far (0 for a fresh run).
@@ -124,6 +126,7 @@ class Trainer(TrainerState):
         data_fingerprint: str = "",
         run_info: Mapping[str, str] | None = None,
         resume_command: str | None = None,
+        comm: Communicator | None = None,
     ):
         check_model_and_dataset(model, dataset)
         config = as_train_config(config)
@@ -135,7 +138,8 @@ class Trainer(TrainerState):
         self.run_info = {str(k): str(v) for k, v in (run_info or {}).items()}
         self.resume_command = resume_command
 
-        data_seed, model_seed, augment_seed = np.random.SeedSequence(config.seed).spawn(3)
+        rank = comm.rank if comm is not None else 0
+        data_seed, model_seed, augment_seed = rank_seeds(config.seed, rank)
         self.data_rng = np.random.default_rng(data_seed)
         self.model_rng = np.random.default_rng(model_seed)
         self.augment_rng = np.random.default_rng(augment_seed)
@@ -144,9 +148,10 @@ class Trainer(TrainerState):
             raise ValueError(f"augment must be a callable (item, rng) -> item, got {augment!r}")
         self.augment = augment
 
+        self._setup_parallel(comm)
         self.optimizer = SGD(
             model.parameters(),
-            lr=config.lr,
+            lr=config.lr * self.lr_scale,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
         )
@@ -206,14 +211,17 @@ class Trainer(TrainerState):
         if resume is not None:
             self.resume(resume)
         stop = stop_step(until, self.step, self.config.max_steps)
-        os.makedirs(self.config.out_dir, exist_ok=True)
-        removed = remove_stale_temp_files(self.config.out_dir)
+        removed = []
+        if self.comm.is_root:  # several ranks: only rank 0 writes into the run folder
+            os.makedirs(self.config.out_dir, exist_ok=True)
+            removed = remove_stale_temp_files(self.config.out_dir)
         if removed:
             self._say(f"removed temporary files of interrupted writes: {', '.join(removed)}")
         self.model.train()
         self.model.rng = self.model_rng
-        self._console.open(self.config.progress, self.config.max_steps, self.step)
-        with sigterm_as_interrupt():
+        if self.comm.is_root:
+            self._console.open(self.config.progress, self.config.max_steps, self.step)
+        with sigterm_as_interrupt(), self._interrupts_flagged():
             self._run_until(stop)
         plot = self._plot()
         if self._eval is not None and self._eval.last_step == self.config.max_steps:
@@ -238,8 +246,10 @@ class Trainer(TrainerState):
             while self.step < stop:
                 before = self._snapshot()
                 losses = self.train_step()
+                self._check_stop()  # several ranks: a Ctrl-C/SIGTERM on any stops all here
                 lr = self.scheduler.lr_at(self.step - 1)  # the rate this step used
-                self._console.report(self.step, c.max_steps, c.log_every, lr, losses)
+                if self.comm.is_root:
+                    self._console.report(self.step, c.max_steps, c.log_every, lr, losses)
                 if self._eval is not None and self._eval.due(self.step, c.max_steps):
                     self._evaluate()
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0:
@@ -249,6 +259,7 @@ class Trainer(TrainerState):
             self._console.close()
             self.save_checkpoint(self.last_checkpoint_path)
         except BaseException as err:
+            self._abort_unless_agreed(err)  # several ranks: one rank's own error ends the job
             if self.step == before["step"]:
                 # The step did not complete: rewind the generators and the data order too, so
                 # the saved state is exactly "after the previous step".
@@ -283,15 +294,13 @@ class Trainer(TrainerState):
         lr = self.optimizer.lr
 
         self.model.zero_grad()
-        try:
-            losses = loss_dict(self.model.forward(images, targets))
-        except NonFiniteError as err:  # NaN/inf features met by an op that refuses them
-            raise TrainingDiverged(step, "a feature map of the forward", float("nan")) from err
+        losses = self._forward_losses(images, targets, step)  # several ranks: their mean
         total = finite_total(step, losses)  # or TrainingDiverged, before anything changes
         self.model.backward()
+        self._average_gradients()  # several ranks: every rank now holds the mean gradient
         check_finite_gradients(step, self.model)
 
-        log = self._open_log()
+        log = self._open_log() if self.comm.is_root else None
         # Update, count and log as one unit: a Ctrl-C (or SIGTERM) arriving here waits until all
         # three are done, so a checkpoint never holds half-updated parameters or a step without
         # its row.
@@ -300,7 +309,8 @@ class Trainer(TrainerState):
             self.scheduler.step()
             self.step = step
             self.last_losses = losses
-            log.append(step, lr, losses, total, time.perf_counter() - started)
+            if log is not None:
+                log.append(step, lr, losses, total, time.perf_counter() - started)
         return losses
 
     # -- helpers -------------------------------------------------------------------------------
@@ -308,7 +318,7 @@ class Trainer(TrainerState):
         c = self.config
         return WarmupMultiStepLR(
             self.optimizer,
-            base_lr=c.lr,
+            base_lr=c.lr * self.lr_scale,
             milestones=c.milestone_steps(),
             gamma=c.gamma,
             warmup_iters=c.warmup_iters,
@@ -320,14 +330,17 @@ class Trainer(TrainerState):
         an epoch is completed from the next epoch's permutation, so every batch is full and
         every item is seen once per epoch."""
         n = len(self.dataset)
+        rank, world = self.comm.rank, self.comm.world_size
         indices: list[int] = []
+        mine = shard(self._order, rank, world)  # several ranks: this rank's share of the epoch
         while len(indices) < self.config.batch_size:
-            if self._position == self._order.size:
+            if self._position >= mine.size:
                 self._order = self.data_rng.permutation(n).astype(np.int64)
+                mine = shard(self._order, rank, world)
                 self._position = 0
                 self._epoch += 1
-            take = min(self.config.batch_size - len(indices), n - self._position)
-            indices.extend(int(i) for i in self._order[self._position : self._position + take])
+            take = min(self.config.batch_size - len(indices), mine.size - self._position)
+            indices.extend(int(i) for i in mine[self._position : self._position + take])
             self._position += take
         images, targets = [], []
         for i in indices:
@@ -367,7 +380,10 @@ class Trainer(TrainerState):
 
     def _evaluate(self) -> None:
         """Evaluate after this step without changing the run (see ``PeriodicEvaluation.run``);
-        the metrics go into the step's log row, and a new best model into ``best.npz``."""
+        the metrics go into the step's log row, and a new best model into ``best.npz``.
+        Several ranks: rank 0 evaluates, the others go on to the next step and wait there."""
+        if not self.comm.is_root:
+            return
         rngs = (self.data_rng, self.model_rng, self.augment_rng)
         values, improved = self._eval.run(self.model, self.step, rngs)
         self._open_log().fill(self.step, values)
@@ -402,8 +418,12 @@ class Trainer(TrainerState):
 
     def _plot(self) -> str | None:
         """Redraw ``loss_curve.png`` from ``log.csv``; None without matplotlib or log rows. A
-        failed drawing is reported and never stops training."""
+        failed drawing is reported and never stops training. Only rank 0 draws."""
+        if not self.comm.is_root:
+            return None
         return draw_curves(self.log_path, self.plot_path, plot_training_curves, self._say)
 
     def _say(self, message: str) -> None:
+        if not self.comm.is_root:
+            return
         self._console.say(message)

@@ -37,7 +37,9 @@ class CheckedCheckpoint:
     the generators' ``bit_generator.state``; ``order``, ``position``, ``epoch`` the data order;
     ``evaluation`` the periodic evaluation's state (``{}`` without one) and ``run_info`` the
     ``run/`` strings (``{}`` without them); ``augment_rng`` the augmentation generator's state
-    (None in checkpoints written before it existed).
+    (None in checkpoints written before it existed); ``world_size`` the number of ranks that
+    wrote it (1 when not recorded) and ``rank_rngs`` each rank's ``[model, augment]`` generator
+    states (None for one rank: the ``model_rng`` and ``augment_rng`` above).
     """
 
     path: str
@@ -55,6 +57,8 @@ class CheckedCheckpoint:
     evaluation: dict = dataclasses.field(default_factory=dict)
     run_info: dict = dataclasses.field(default_factory=dict)
     augment_rng: dict | None = None
+    world_size: int = 1
+    rank_rngs: list | None = None
 
     def describe(self) -> str:
         """``resumed from <path> at step <k>``, naming the changed fields of a non-strict
@@ -138,6 +142,8 @@ def read_checkpoint(
         augment_rng=(
             _rng_state(ckpt["rng"]["augment"], rngs[0], path) if "augment" in ckpt["rng"] else None
         ),
+        world_size=int(ckpt["data"].get("world_size", 1)),
+        rank_rngs=json.loads(str(ckpt["rng"]["ranks"])) if "ranks" in ckpt["rng"] else None,
     )
 
 

@@ -31,7 +31,8 @@ class TrainerState:
     def state_dict(self) -> dict:
         """The whole training state as a nested dict for ``weights.save`` (format in
         ``docs/training.md``): no pickled objects, generator states as JSON strings."""
-        return {
+        ranks = self._rank_rng_states()  # several ranks: a collective, called on every rank
+        state = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "step": self.step,
@@ -51,18 +52,25 @@ class TrainerState:
                 "epoch": self._epoch,
                 "dataset_len": len(self.dataset),
                 "fingerprint": self.data_fingerprint,
+                "world_size": self.comm.world_size,
             },
             # Optional parts (absent, they store nothing): the evaluation's best result, and
             # the strings the caller asked to keep with the run.
             "evaluation": self._eval.state_dict() if self._eval is not None else {},
             "run": dict(self.run_info),
         }
+        if self.comm.world_size > 1:  # every rank's model and augment generators
+            state["rng"]["ranks"] = json.dumps(ranks)
+        return state
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> str:
-        """Write the training state atomically (default ``out_dir/last.npz``); returns the path."""
+        """Write the training state atomically (default ``out_dir/last.npz``); returns the path.
+        Several ranks: every rank calls it (the generators are gathered), rank 0 writes."""
         path = os.fspath(path) if path is not None else self.last_checkpoint_path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        weights.save(path, self.state_dict())
+        state = self.state_dict()
+        if self.comm.is_root:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            weights.save(path, state)
         return path
 
     def resume(self, path: str | os.PathLike, strict: bool = True) -> TrainerState:
@@ -120,6 +128,9 @@ class TrainerState:
         if note and self.augment is not None:
             self._say(note)
         self._order, self._position, self._epoch = ckpt.order, ckpt.position, ckpt.epoch
+        note = self._restore_rank_rngs(ckpt)  # several ranks, or another number of them
+        if note:
+            self._say(note)
         self.step = step
         if self._eval is not None:
             self._eval.load_state_dict(ckpt.evaluation)

@@ -1,0 +1,282 @@
+"""Synchronous data parallelism: one process per rank, gradients averaged after each backward.
+
+    mpiexec -n 2 mrcnn-edu train --config run.json      # two CPU processes, MPI between them
+
+Every rank holds the whole model. Each step, rank ``r`` runs forward and backward on its own
+``batch_size`` images, then the gradients of all ranks are *averaged* (one all-reduce per
+bucket of about 25 MB) so every rank applies the same SGD step and the parameters stay
+identical without ever being sent again. ``docs/data_parallel.md`` tells the story.
+
+- :class:`Communicator`: what the trainer needs from a transport -- ``rank``, ``world_size``,
+  ``allreduce_mean_``, ``broadcast_``, ``barrier``, ``agree`` and ``abort``.
+- :class:`SingleProcess` (no communication), :class:`MpiCommunicator` (mpi4py, NumPy arrays);
+  ``kernels/nccl.py`` has ``NcclCommunicator`` (CuPy arrays, NCCL).
+- :func:`get_communicator`: MPI when launched by ``mpiexec`` with more than one rank, else
+  :class:`SingleProcess`; mpi4py is imported only then.
+- :class:`GradientBuckets`: the gradients flattened into buckets and averaged in place.
+- :func:`shard`: the DistributedSampler rule, rank ``r``'s strided share of an epoch's order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from .backend import get_xp
+
+BUCKET_BYTES = 25 * 1024 * 1024  # the gradient bucket size (PyTorch DDP's default, 25 MB)
+
+# Environment variables an MPI launcher sets in every process it starts (MPICH/Hydra and Intel
+# MPI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE; PMIx launchers: PMIX_SIZE).
+_WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+
+
+class Communicator:
+    """The collective operations data-parallel training needs; every rank calls each one in
+    the same order (a rank that skips one leaves the others waiting)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def allreduce_mean_(self, buffer):
+        """Replace ``buffer`` (a flat array) in place by its mean over the ranks; returns it."""
+        raise NotImplementedError
+
+    def broadcast_(self, buffer, root: int = 0):
+        """Overwrite ``buffer`` in place with rank ``root``'s; returns it."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """Wait until every rank has arrived here."""
+        raise NotImplementedError
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (a failure, a NaN, a Ctrl-C)."""
+        raise NotImplementedError
+
+    def gather_object(self, obj, root: int = 0) -> list | None:
+        """Rank ``root`` gets ``[obj of rank 0, obj of rank 1, ...]``; the others None."""
+        raise NotImplementedError
+
+    def abort(self, err: BaseException) -> None:
+        """End the whole job at once, after printing which rank failed and why."""
+        raise NotImplementedError
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+
+class SingleProcess(Communicator):
+    """World size 1: every operation leaves its argument as it is."""
+
+    def allreduce_mean_(self, buffer):
+        return buffer
+
+    def broadcast_(self, buffer, root: int = 0):
+        return buffer
+
+    def barrier(self) -> None:
+        pass
+
+    def agree(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def gather_object(self, obj, root: int = 0) -> list | None:
+        return [obj]
+
+    def abort(self, err: BaseException) -> None:
+        raise err
+
+
+class MpiCommunicator(Communicator):
+    """MPI through mpi4py, on host (NumPy) arrays: ``Allreduce`` in place, then divide.
+
+    Args:
+        comm: an ``mpi4py.MPI.Comm``; default ``MPI.COMM_WORLD``.
+    """
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI  # imported only for a multi-process run
+
+        self._mpi = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.world_size = self.comm.Get_size()
+
+    def allreduce_mean_(self, buffer):
+        _check_buffer(buffer)
+        self.comm.Allreduce(self._mpi.IN_PLACE, buffer, op=self._mpi.SUM)
+        buffer /= self.world_size
+        return buffer
+
+    def broadcast_(self, buffer, root: int = 0):
+        _check_buffer(buffer)
+        self.comm.Bcast(buffer, root=root)
+        return buffer
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def agree(self, flag: bool) -> bool:
+        return bool(self.comm.allreduce(int(bool(flag)), op=self._mpi.MAX))
+
+    def gather_object(self, obj, root: int = 0) -> list | None:
+        return self.comm.gather(obj, root=root)
+
+    def abort(self, err: BaseException) -> None:
+        sys.stderr.write(failure_message(self.rank, self.world_size, err))
+        sys.stderr.flush()
+        self.comm.Abort(1)
+
+
+def _check_buffer(buffer) -> None:
+    if not isinstance(buffer, np.ndarray) or buffer.ndim != 1 or not buffer.flags.c_contiguous:
+        raise ValueError(
+            "MPI collectives here take a flat, contiguous NumPy array (host memory), got "
+            f"{type(buffer).__name__} {getattr(buffer, 'shape', '')}; CuPy arrays go through "
+            "NcclCommunicator (kernels/nccl.py)"
+        )
+
+
+def failure_message(rank: int, world_size: int, err: BaseException) -> str:
+    """``rank 1 of 2 failed: FileNotFoundError: ... (at file.py:123)``, and the traceback."""
+    where = ""
+    tb = traceback.extract_tb(err.__traceback__)
+    if tb:
+        where = f" (at {tb[-1].filename}:{tb[-1].lineno})"
+    trace = ""
+    if not isinstance(err, (ValueError, OSError)):  # bad input needs no traceback
+        trace = "".join(traceback.format_exception(type(err), err, err.__traceback__)) + "\n"
+    return (
+        f"{trace}rank {rank} of {world_size} failed: {type(err).__name__}: {err}{where}; "
+        "aborting all ranks\n"
+    )
+
+
+def launched_world_size(environ=None) -> int:
+    """The number of ranks an MPI launcher started (1 when not started by one)."""
+    environ = os.environ if environ is None else environ
+    for name in _WORLD_SIZE_VARIABLES:
+        value = environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def get_communicator(environ=None) -> Communicator:
+    """:class:`MpiCommunicator` under ``mpiexec -n N`` with N > 1, else :class:`SingleProcess`.
+
+    Raises:
+        ImportError: launched with several ranks but mpi4py is missing (naming the extra).
+    """
+    if launched_world_size(environ) <= 1:
+        return SingleProcess()
+    try:
+        return MpiCommunicator()
+    except ImportError as err:
+        raise ImportError(
+            "this process was started by mpiexec with several ranks, but mpi4py is not "
+            "installed: pip install 'mrcnn-edu[dist]' (mpi4py and the mpich wheel)"
+        ) from err
+
+
+@contextlib.contextmanager
+def abort_on_error(comm: Communicator):
+    """Any exception in the block on one rank ends the whole job (``comm.abort``) instead of
+    leaving the other ranks waiting forever in their next collective. Single process: the
+    exception passes through unchanged. An exception marked ``agreed`` (every rank raised it at
+    the same step: a divergence, Ctrl-C, SIGTERM) passes through too."""
+    try:
+        yield
+    except BaseException as err:
+        if comm.world_size > 1 and not getattr(err, "agreed", False):
+            comm.abort(err)
+        raise
+
+
+def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s share of an epoch's permutation ``order`` (DistributedSampler rule).
+
+    The order is padded by repeating its start up to a multiple of ``world_size``, then rank r
+    takes items ``r, r + W, r + 2W, ...``: every item once per epoch across the ranks (a few
+    twice when the length is not a multiple of W), all shards of equal length. With one rank
+    the shard is ``order`` itself.
+    """
+    if world_size == 1:
+        return order
+    n = order.size
+    padded = -(-n // world_size) * world_size
+    if padded > n:
+        order = np.concatenate([order, np.resize(order, padded - n)])
+    return order[rank::world_size]
+
+
+def rank_seeds(seed: int, rank: int) -> list[np.random.SeedSequence]:
+    """The (data, model, augment) seed sequences of ``rank``.
+
+    Rank 0's are ``SeedSequence(seed).spawn(3)`` (a single-process run's). The data stream is
+    the same on every rank (every rank draws the same epoch permutation); rank r > 0 gets model
+    and augment streams of its own, the r-th children of rank 0's (``spawn_key=(k, r)``).
+    """
+    data, model, augment = np.random.SeedSequence(seed).spawn(3)
+    if rank == 0:
+        return [data, model, augment]
+    return [data] + [np.random.SeedSequence(seed, spawn_key=(k, rank)) for k in (1, 2)]
+
+
+class GradientBuckets:
+    """The gradients of ``params`` averaged over the ranks, a few large messages at a time.
+
+    The params are grouped, in order, into buckets of at most ``bucket_bytes`` (one dtype per
+    bucket; a larger param gets a bucket of its own). :meth:`allreduce_mean_` copies each
+    bucket's gradients into one flat buffer, averages it over the ranks and copies it back.
+    """
+
+    def __init__(self, params, bucket_bytes: int = BUCKET_BYTES):
+        self.buckets: list[list] = []
+        current, size = [], 0
+        for p in params:
+            nbytes = p.grad.size * p.grad.dtype.itemsize
+            same_dtype = not current or current[0].grad.dtype == p.grad.dtype
+            if current and (size + nbytes > bucket_bytes or not same_dtype):
+                self.buckets.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += nbytes
+        if current:
+            self.buckets.append(current)
+        self._buffers = [None] * len(self.buckets)
+
+    def allreduce_mean_(self, comm: Communicator) -> None:
+        if comm.world_size == 1:
+            return
+        for i, bucket in enumerate(self.buckets):
+            xp = get_xp(bucket[0].grad)
+            if self._buffers[i] is None:
+                total = sum(p.grad.size for p in bucket)
+                self._buffers[i] = xp.empty(total, dtype=bucket[0].grad.dtype)
+            flat = self._buffers[i]
+            offset = 0
+            for p in bucket:
+                flat[offset : offset + p.grad.size] = p.grad.ravel()
+                offset += p.grad.size
+            comm.allreduce_mean_(flat)
+            offset = 0
+            for p in bucket:
+                p.grad[...] = flat[offset : offset + p.grad.size].reshape(p.grad.shape)
+                offset += p.grad.size
+
+
+def broadcast_parameters(model, comm: Communicator, root: int = 0) -> None:
+    """Copy rank ``root``'s parameters (frozen buffers included) into every rank's model."""
+    if comm.world_size == 1:
+        return
+    for _, p in model.named_parameters():
+        flat = get_xp(p.data).ascontiguousarray(p.data).reshape(-1).copy()
+        comm.broadcast_(flat, root)
+        p.data[...] = flat.reshape(p.data.shape)
