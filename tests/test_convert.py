@@ -71,6 +71,7 @@ def test_preset_is_torchvision_v1():
     h = cfg.roi_heads
     assert (h.score_thresh, h.nms_thresh, h.detections_per_img) == (0.05, 0.5, 100)
     assert cfg.image_mean == (0.485, 0.456, 0.406) and cfg.image_std == (0.229, 0.224, 0.225)
+    assert (cfg.min_size, cfg.max_size, h.mask_paste) == ((800,), 1333, "torchvision")
 
 
 def test_conversion_without_torch_puts_every_array_in_its_place(our_keys):

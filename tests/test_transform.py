@@ -15,16 +15,13 @@ import pytest
 
 from mrcnn_edu.config_checks import ConfigError
 from mrcnn_edu.mask_rcnn import MaskRCNN, MaskRCNNConfig
+from mrcnn_edu.resample import _fma, interpolation_matrix, linear_taps, resize_image
 from mrcnn_edu.run_config import RunConfig
 from mrcnn_edu.transform import (
-    _fma,
     check_size_settings,
-    interpolation_matrix,
-    linear_taps,
     nearest_indices,
     prepare_inputs,
     resize_boxes,
-    resize_image,
     resize_masks,
     resized_size,
     to_original_size,
