@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config_checks import at_least, between, check_fields, one_of, positive_numbers
+from .nn import inference as I
 from .nn import layers as L
 from .nn.module import Module
 from .nn.utils import as_generator
@@ -139,11 +140,26 @@ class Bottleneck(Module):
             self.bn3.weight.data[:] = 0
 
     def forward(self, x):
+        if not self.training:
+            return self.infer(x)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = self.downsample(x) if self.downsample is not None else x
         return self.relu3(out + shortcut)
+
+    def infer(self, x):
+        """The eval-mode forward: the same function, with each FrozenBN folded into its conv and
+        the ReLUs and the residual addition done in place (``nn/inference.py``); no caches."""
+        out = I.conv_norm_relu(x, self.conv1, self.bn1, relu=True)
+        out = I.conv_norm_relu(out, self.conv2, self.bn2, relu=True)
+        out = I.conv_norm_relu(out, self.conv3, self.bn3)
+        if self.downsample is not None:
+            conv, norm = self.downsample.layers
+            out += I.conv_norm_relu(x, conv, norm)
+        else:
+            out += x
+        return I.relu_(out)
 
     def backward(self, grad_out, need_input_grad: bool = True):
         g = self.relu3.backward(grad_out)
@@ -204,7 +220,10 @@ class ResNet(Module):
                 p.requires_grad = False
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.training:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        else:  # FrozenBN folded into the conv, ReLU in place (nn/inference.py)
+            x = self.maxpool(I.conv_norm_relu(x, self.conv1, self.bn1, relu=True))
         feats = []
         for stage in self.stages():
             for block in stage:
@@ -272,7 +291,10 @@ class FPN(Module):
         outs = [self.layer_blocks[-1](inner)]
         for i in range(n - 2, -1, -1):
             lateral = self.inner_blocks[i](feats[i])
-            inner = lateral + self.upsamples[i](inner, size=lateral.shape[-2:])
+            if self.training:
+                inner = lateral + self.upsamples[i](inner, size=lateral.shape[-2:])
+            else:  # the same sum, in place into the lateral map
+                inner = I.add_upsampled_(lateral, inner)
             outs.insert(0, self.layer_blocks[i](inner))
         if self.extra_p6:
             outs.append(self.p6_pool(outs[-1]))

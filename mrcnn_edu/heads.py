@@ -71,7 +71,15 @@ class RPNHead(Module):
     def forward(self, features: Sequence) -> tuple[list, list]:
         """features: list of (N, C, H_l, W_l). Returns ``(objectness, deltas)``: lists of
         (N, A*logits_per_anchor, H_l, W_l) and (N, A*4, H_l, W_l)."""
-        objectness, deltas, self.cache = [], [], []
+        objectness, deltas = [], []
+        if not self.training:  # eval mode: no caches, the ReLU in place (nn/inference.py)
+            self.cache = None
+            for x in features:
+                t = self.conv.infer(x, relu=True)
+                objectness.append(self.cls_logits.infer(t))
+                deltas.append(self.bbox_pred.infer(t))
+            return objectness, deltas
+        self.cache = []
         for x in features:
             t, conv_cache = F.conv2d_forward(x, self.conv.weight.data, self.conv.bias.data, 1, 1)
             t, relu_mask = F.relu_forward(t)
@@ -92,11 +100,11 @@ class RPNHead(Module):
 
         Parameter gradients are accumulated (summed over levels) into ``.grad``.
         """
-        if self.cache is None:
-            raise RuntimeError("RPNHead.backward called before forward")
         grad_objectness, grad_deltas = grad_out
         grad_features = []
-        for cache, g_obj, g_box in zip(self.cache, grad_objectness, grad_deltas, strict=True):
+        for cache, g_obj, g_box in zip(
+            self.forward_cache(), grad_objectness, grad_deltas, strict=True
+        ):
             # the ReLU output feeds both 1x1 convs, so its gradient is the sum of theirs
             g_t, dw, db = F.conv2d_backward(g_obj, cache.cls_logits)
             add_param_grads(self.cls_logits, dw, db)
@@ -166,7 +174,11 @@ class MaskHead(Module):
 
     def forward(self, x):
         for i in range(1, self.num_convs + 1):
-            x = getattr(self, f"relu{i}")(getattr(self, f"mask_fcn{i}")(x))
+            conv = getattr(self, f"mask_fcn{i}")
+            if self.training:
+                x = getattr(self, f"relu{i}")(conv(x))
+            else:  # eval mode: the ReLU in place on the conv output, no caches
+                x = conv.infer(x, relu=True)
         return x
 
     def backward(self, grad_out):
@@ -188,6 +200,8 @@ class MaskRCNNPredictor(Module):
         _kaiming_normal_fan_out(self.mask_fcn_logits, rng)
 
     def forward(self, x):
+        if not self.training:  # eval mode: the ReLU in place on the deconv output, no caches
+            return self.mask_fcn_logits.infer(self.conv5_mask.infer(x, relu=True))
         return self.mask_fcn_logits(self.relu(self.conv5_mask(x)))
 
     def backward(self, grad_out):

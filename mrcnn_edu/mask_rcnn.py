@@ -108,9 +108,12 @@ class MaskRCNNConfig:
 
         ResNet-50 with FrozenBatchNorm, stem and res2 frozen (trainable_layers=3), FPN 256,
         sigmoid RPN objectness, RPN top-n 2000/2000 (train) and 1000/1000 (test) before/after
-        NMS, box score 0.05, NMS 0.5, 100 detections, ImageNet mean/std. ``num_classes``
-        counts object classes: torchvision's ``num_classes=91`` includes the background, so
-        its COCO model is ``num_classes=90`` here (labels are COCO category ids 1..90)."""
+        NMS, box score 0.05, NMS 0.5, 100 detections, ImageNet mean/std, images resized to a
+        shorter side of 800 and a longer side of at most 1333, masks pasted as torchvision
+        does (``mask_paste="torchvision"``): its detections, box for box
+        (tests/test_parity_torchvision.py). ``num_classes`` counts object classes:
+        torchvision's ``num_classes=91`` includes the background, so its COCO model is
+        ``num_classes=90`` here (labels are COCO category ids 1..90)."""
         return cls(
             num_classes=num_classes,
             backbone=BackboneConfig(
@@ -125,9 +128,16 @@ class MaskRCNNConfig:
                 post_nms_top_n_test=1000,
                 nms_thresh=0.7,
             ),
-            roi_heads=RoIHeadsConfig(score_thresh=0.05, nms_thresh=0.5, detections_per_img=100),
+            roi_heads=RoIHeadsConfig(
+                score_thresh=0.05,
+                nms_thresh=0.5,
+                detections_per_img=100,
+                mask_paste="torchvision",
+            ),
             image_mean=IMAGENET_MEAN,
             image_std=IMAGENET_STD,
+            min_size=800,
+            max_size=1333,
         )
 
     def to_dict(self) -> dict:
@@ -216,7 +226,13 @@ class MaskRCNN(Module):
             proposals, _ = self.rpn(features, image_sizes, None, batch.shape[-2:])
             detections, _ = self.roi_heads(features, proposals, image_sizes)
             # boxes back to each image as given, masks pasted at its resolution
-            detections = to_original_size(detections, image_sizes, original_sizes, mask_threshold)
+            detections = to_original_size(
+                detections,
+                image_sizes,
+                original_sizes,
+                mask_threshold,
+                self.config.roi_heads.mask_paste,
+            )
             return [to_host(det) for det in detections]
         finally:
             self.train(was_training)

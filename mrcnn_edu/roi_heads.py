@@ -27,13 +27,13 @@ import numpy as np
 
 from .backend import get_xp
 from .boxes import BoxCoder, box_iou
-from .config_checks import at_least, between, check_fields, positive_numbers
+from .config_checks import at_least, between, check_fields, one_of, positive_numbers
 from .heads import FastRCNNPredictor, MaskHead, MaskRCNNPredictor, TwoMLPHead
 from .matching import BalancedPositiveNegativeSampler, Matcher
 from .nn.losses import binary_cross_entropy_with_logits, sigmoid, smooth_l1, softmax_cross_entropy
 from .nn.module import Module
 from .nn.utils import add_named_grads, as_generator, check_finite
-from .postprocess import postprocess_detections
+from .postprocess import MASK_PASTE_MODES, postprocess_detections
 from .roi_ops import MultiScaleRoIAlign, roi_align
 
 _ROI_HEADS_RULES = {
@@ -52,6 +52,7 @@ _ROI_HEADS_RULES = {
     "score_thresh": between(0, 1),
     "nms_thresh": between(0, 1),
     "detections_per_img": at_least(1),
+    "mask_paste": one_of(*MASK_PASTE_MODES),
 }
 
 
@@ -76,6 +77,9 @@ class RoIHeadsConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # how predict() pastes each 28x28 mask into the image (postprocess.paste_masks_in_image):
+    # "subpixel" (ours, Detectron2's) or "torchvision" (box rounded to whole pixels)
+    mask_paste: str = "subpixel"
 
     def __post_init__(self):
         check_fields(self, _ROI_HEADS_RULES)
@@ -262,6 +266,11 @@ class RoIHeads(Module):
     def detect(self, features, proposals, image_sizes) -> list[dict]:
         """The inference path: box branch -> post-processing -> mask branch on the final boxes
         (per image ``boxes``, ``labels``, ``scores``, ``mask_probs`` of the predicted class)."""
+        detections = self.detect_boxes(features, proposals, image_sizes)
+        return self.add_mask_probs(features, detections, image_sizes)
+
+    def detect_boxes(self, features, proposals, image_sizes) -> list[dict]:
+        """The box branch and its post-processing: per image ``{"boxes", "labels", "scores"}``."""
         rh = self.config
         box_feats = self.box_roi_pool(features, proposals, image_sizes)
         class_logits, box_deltas = self.box_predictor(self.box_head(box_feats))
@@ -281,12 +290,17 @@ class RoIHeads(Module):
             )
             start = stop
             detections.append({"boxes": boxes, "labels": labels, "scores": scores})
+        return detections
+
+    def add_mask_probs(self, features, detections, image_sizes) -> list[dict]:
+        """The mask branch on the final boxes: sets each detection dict's ``mask_probs``
+        (D, M, M), the sigmoid of its predicted class's mask logits, and returns the list."""
         det_boxes = [d["boxes"] for d in detections]
         if sum(b.shape[0] for b in det_boxes):
             mask_feats = self.mask_roi_pool(features, det_boxes, image_sizes)
             mask_logits = self.mask_predictor(self.mask_head(mask_feats))
             check_finite("the mask head's logits", mask_logits)
-        start, m = 0, rh.mask_size
+        start, m = 0, self.config.mask_size
         for d in detections:
             n, xp = d["boxes"].shape[0], get_xp(d["boxes"])
             if n == 0:

@@ -83,12 +83,13 @@ def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
 # The columns matrix is laid out channel-major, (C, kh, kw, N, Ho, Wo), so that a whole batch is
 # ONE large GEMM with the weights, W (O, C*kh*kw) @ cols (C*kh*kw, N*Ho*Wo): many small images
 # (the mask head runs on 128+ RoIs of 14x14) would otherwise be many small, slow GEMMs.
-def im2col(x_cm, kh: int, kw: int, stride=(1, 1), dilation=(1, 1), out_hw=None):
+def im2col(x_cm, kh: int, kw: int, stride=(1, 1), dilation=(1, 1), out_hw=None, out=None):
     """Gather receptive fields of an already padded, channel-major ``x_cm: (C, N, Hp, Wp)``
     (see :func:`pad_channel_major`).
 
     Returns ``cols: (C, kh, kw, N, Ho, Wo)``, contiguous, so ``cols.reshape(C*kh*kw, N*Ho*Wo)``
     is free. One strided slice copy per kernel offset (kh*kw copies, each vectorised).
+    ``out``: a contiguous buffer of exactly that many elements to fill instead of a new array.
     """
     xp = get_xp(x_cm)
     c, n, hp, wp = x_cm.shape
@@ -97,7 +98,8 @@ def im2col(x_cm, kh: int, kw: int, stride=(1, 1), dilation=(1, 1), out_hw=None):
     if out_hw is None:
         out_hw = (conv_output_size(hp, kh, sh, 0, dh), conv_output_size(wp, kw, sw, 0, dw))
     ho, wo = out_hw
-    cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x_cm.dtype)
+    shape = (c, kh, kw, n, ho, wo)
+    cols = xp.empty(shape, dtype=x_cm.dtype) if out is None else out.reshape(shape)
     for i in range(kh):
         y0 = i * dh
         for j in range(kw):
@@ -171,24 +173,33 @@ def _from_channel_major(a, n: int, h: int, w: int):
 # --------------------------------------------------------------------------------------------
 # Convolution
 # --------------------------------------------------------------------------------------------
-def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
-    """2-D convolution (cross-correlation, as in PyTorch).
-
-    x: (N, C, H, W); w: (O, C, kh, kw); b: (O,) or None.
-    Returns y: (N, O, Ho, Wo) and the cache for :func:`conv2d_backward`.
-    """
+def conv2d_geometry(x, w, stride=1, padding=0, dilation=1):
+    """Check a convolution's shapes: ``(stride, padding, dilation, (Ho, Wo))`` as pairs of ints,
+    or a ValueError naming what does not fit."""
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"conv2d expects x (N,C,H,W) and w (O,C,kh,kw), got {x.shape}, {w.shape}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"conv2d: x has {x.shape[1]} channels but weight expects {w.shape[1]}")
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
+    h, wd = x.shape[2:]
+    kh, kw = w.shape[2:]
     s, p = pair(stride, "stride", minimum=1), pair(padding, "padding", minimum=0)
     d = pair(dilation, "dilation", minimum=1)
     ho = conv_output_size(h, kh, s[0], p[0], d[0])
     wo = conv_output_size(wd, kw, s[1], p[1], d[1])
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d: input {h}x{wd} too small for kernel {kh}x{kw} with padding {p}")
+    return s, p, d, (ho, wo)
+
+
+def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1):
+    """2-D convolution (cross-correlation, as in PyTorch).
+
+    x: (N, C, H, W); w: (O, C, kh, kw); b: (O,) or None.
+    Returns y: (N, O, Ho, Wo) and the cache for :func:`conv2d_backward`.
+    """
+    s, p, d, (ho, wo) = conv2d_geometry(x, w, stride, padding, dilation)
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
     if (kh, kw) == (1, 1) and s == (1, 1) and p == (0, 0):
         cols = _to_channel_major(x)  # a 1x1 convolution's columns are the pixels themselves
     else:
@@ -405,11 +416,17 @@ def upsample_nearest_backward(dy, cache):
 def frozen_batch_norm_forward(x, weight, bias, running_mean, running_var, eps=1e-5):
     """BatchNorm with fixed statistics and affine parameters (how pre-trained backbones are
     fine-tuned with small batches): y = x * scale + shift per channel."""
-    xp = get_xp(x)
-    scale = weight * (1.0 / xp.sqrt(running_var + eps))
-    shift = bias - running_mean * scale
+    scale, shift = frozen_batch_norm_scale_shift(weight, bias, running_mean, running_var, eps)
     c = x.shape[1]
     return x * scale.reshape(1, c, 1, 1) + shift.reshape(1, c, 1, 1), scale
+
+
+def frozen_batch_norm_scale_shift(weight, bias, running_mean, running_var, eps=1e-5):
+    """FrozenBN as a per-channel affine map ``y = x * scale + shift``:
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``."""
+    xp = get_xp(weight)
+    scale = weight * (1.0 / xp.sqrt(running_var + eps))
+    return scale, bias - running_mean * scale
 
 
 def frozen_batch_norm_backward(dy, scale):

@@ -1,6 +1,8 @@
 """Layers: Modules that hold Params and call the forward/backward pairs of ``functional.py``.
 
-Each layer keeps what its *last* forward left for the backward in ``self.cache``;
+In training mode each layer keeps what its *last* forward left for the backward in
+``self.cache``; in eval mode it calls the forward-only kernels of ``inference.py`` and keeps
+nothing (``self.cache = None``: a backward then raises, see ``Module.forward_cache``);
 ``backward(grad_out) -> grad_in`` uses it, accumulates the parameter gradients into
 ``param.grad`` and returns the gradient with respect to the input (the contract is written out
 in ``module.py``). Weight layouts are PyTorch's, so a state dict maps name for name.
@@ -12,7 +14,9 @@ import math
 
 import numpy as np
 
+from ..backend import get_xp
 from . import functional as F
+from . import inference as I
 from .module import Module, Param
 from .utils import add_param_grads, as_generator, pair
 
@@ -62,14 +66,24 @@ class Conv2d(Module):
         self.cache = None
 
     def forward(self, x):
+        if not self.training:
+            self.cache = None
+            return self.infer(x)
         b = self.bias.data if self.bias is not None else None
         y, self.cache = F.conv2d_forward(
             x, self.weight.data, b, self.stride, self.padding, self.dilation
         )
         return y
 
+    def infer(self, x, relu: bool = False):
+        """The eval-mode forward (``inference.conv2d``: no cache); ``relu=True`` adds a ReLU
+        in place (what a block that owns both layers does)."""
+        b = self.bias.data if self.bias is not None else None
+        w = self.weight.data
+        return I.conv2d(x, w, b, self.stride, self.padding, self.dilation, relu=relu)
+
     def backward(self, grad_out, need_input_grad: bool = True):
-        dx, dw, db = F.conv2d_backward(grad_out, self.cache, need_input_grad)
+        dx, dw, db = F.conv2d_backward(grad_out, self.forward_cache(), need_input_grad)
         add_param_grads(self, dw, db)
         return dx
 
@@ -108,14 +122,24 @@ class ConvTranspose2d(Module):
         self.cache = None
 
     def forward(self, x):
+        if not self.training:
+            self.cache = None
+            return self.infer(x)
         b = self.bias.data if self.bias is not None else None
         y, self.cache = F.conv_transpose2d_forward(
             x, self.weight.data, b, self.stride, self.padding, self.output_padding, self.dilation
         )
         return y
 
+    def infer(self, x, relu: bool = False):
+        """The eval-mode forward (``inference.conv_transpose2d``: no cache), optionally with
+        a ReLU in place."""
+        b = self.bias.data if self.bias is not None else None
+        args = (self.stride, self.padding, self.output_padding, self.dilation)
+        return I.conv_transpose2d(x, self.weight.data, b, *args, relu=relu)
+
     def backward(self, grad_out):
-        dx, dw, db = F.conv_transpose2d_backward(grad_out, self.cache)
+        dx, dw, db = F.conv_transpose2d_backward(grad_out, self.forward_cache())
         add_param_grads(self, dw, db)
         return dx
 
@@ -134,11 +158,12 @@ class Linear(Module):
 
     def forward(self, x):
         b = self.bias.data if self.bias is not None else None
-        y, self.cache = F.linear_forward(x, self.weight.data, b)
+        y, cache = F.linear_forward(x, self.weight.data, b)
+        self.cache = cache if self.training else None  # the cache holds the input
         return y
 
     def backward(self, grad_out):
-        dx, dw, db = F.linear_backward(grad_out, self.cache)
+        dx, dw, db = F.linear_backward(grad_out, self.forward_cache())
         add_param_grads(self, dw, db)
         return dx
 
@@ -148,11 +173,14 @@ class ReLU(Module):
         self.cache = None
 
     def forward(self, x):
+        if not self.training:
+            self.cache = None
+            return get_xp(x).maximum(x, 0)  # = relu_forward's values (NaN kept), no mask
         y, self.cache = F.relu_forward(x)
         return y
 
     def backward(self, grad_out):
-        return F.relu_backward(grad_out, self.cache)
+        return F.relu_backward(grad_out, self.forward_cache())
 
 
 class MaxPool2d(Module):
@@ -163,11 +191,14 @@ class MaxPool2d(Module):
         self.cache = None
 
     def forward(self, x):
+        if not self.training:
+            self.cache = None
+            return I.max_pool2d(x, self.kernel_size, self.stride, self.padding)
         y, self.cache = F.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding)
         return y
 
     def backward(self, grad_out):
-        return F.max_pool2d_backward(grad_out, self.cache)
+        return F.max_pool2d_backward(grad_out, self.forward_cache())
 
 
 class Upsample(Module):
@@ -180,11 +211,12 @@ class Upsample(Module):
     def forward(self, x, size=None):
         if size is None:
             raise ValueError("Upsample.forward needs the target size (Ho, Wo)")
-        y, self.cache = F.upsample_nearest_forward(x, size)
+        y, cache = F.upsample_nearest_forward(x, size)
+        self.cache = cache if self.training else None
         return y
 
     def backward(self, grad_out):
-        return F.upsample_nearest_backward(grad_out, self.cache)
+        return F.upsample_nearest_backward(grad_out, self.forward_cache())
 
 
 class FrozenBatchNorm2d(Module):
@@ -202,7 +234,7 @@ class FrozenBatchNorm2d(Module):
         self.cache = None
 
     def forward(self, x):
-        y, self.cache = F.frozen_batch_norm_forward(
+        y, cache = F.frozen_batch_norm_forward(
             x,
             self.weight.data,
             self.bias.data,
@@ -210,10 +242,11 @@ class FrozenBatchNorm2d(Module):
             self.running_var.data,
             self.eps,
         )
+        self.cache = cache if self.training else None
         return y
 
     def backward(self, grad_out):
-        return F.frozen_batch_norm_backward(grad_out, self.cache)
+        return F.frozen_batch_norm_backward(grad_out, self.forward_cache())
 
 
 class GroupNorm(Module):
@@ -239,11 +272,12 @@ class GroupNorm(Module):
     def forward(self, x):
         w = self.weight.data if self.weight is not None else None
         b = self.bias.data if self.bias is not None else None
-        y, self.cache = F.group_norm_forward(x, self.num_groups, w, b, self.eps)
+        y, cache = F.group_norm_forward(x, self.num_groups, w, b, self.eps)
+        self.cache = cache if self.training else None
         return y
 
     def backward(self, grad_out):
-        dx, dw, db = F.group_norm_backward(grad_out, self.cache)
+        dx, dw, db = F.group_norm_backward(grad_out, self.forward_cache())
         if self.weight is not None:
             add_param_grads(self, dw, db)
         return dx
@@ -256,11 +290,11 @@ class Flatten(Module):
         self.cache = None  # the input shape
 
     def forward(self, x):
-        self.cache = x.shape
+        self.cache = x.shape if self.training else None
         return x.reshape(x.shape[0], -1)
 
     def backward(self, grad_out):
-        return grad_out.reshape(self.cache)
+        return grad_out.reshape(self.forward_cache())
 
 
 class Sequential(Module):
