@@ -239,10 +239,14 @@ def _nvrtc_compile(source: str, name_expressions: list[str], options: tuple[str,
     opts = [b"--gpu-architecture=compute_90"] + [o.encode() for o in options]
     (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
+    # A writable buffer: NVRTC writes the log into it. The usual ``b" " * size`` hands it an
+    # immutable bytes object, for size 1 the interpreter's shared b" " itself, and the NUL
+    # written into it broke every later use of b" " in the process (torch files unpickled).
+    log = bytearray(size)
     nvrtc.nvrtcGetProgramLog(prog, log)
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
-    return log.decode(errors="replace")
+    text = bytes(log).rstrip(b"\0").decode(errors="replace")
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, text
+    return text
 
 
 @pytest.mark.parametrize("family", ["roi_align", "nms"])
