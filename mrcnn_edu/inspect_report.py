@@ -17,6 +17,7 @@ import numpy as np
 
 from .inspect_data import SUGGESTION_SAMPLE
 from .out_paths import IMAGE_SUFFIXES, check_output_file
+from .run_folder import atomic_save
 from .visualize import draw_instances
 
 _COLUMNS = 4
@@ -208,16 +209,14 @@ def _log_axis_ticks(ax, values):
 
 
 def _save_atomically(fig, path: str, overwrite: bool) -> None:
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     extension = os.path.splitext(path)[1].lower().lstrip(".")
-    try:
+
+    def write(tmp):
         fig.savefig(tmp, dpi=100, format=extension)
         if os.path.lexists(path) and not overwrite:  # appeared while we worked
             raise ValueError(f"{path!r} already exists; pass --overwrite to replace it")
-        os.replace(tmp, path)
+
+    try:
+        atomic_save(path, write)
     except OSError as err:
         raise ValueError(f"cannot write {path!r}: {err}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

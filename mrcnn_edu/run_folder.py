@@ -37,11 +37,11 @@ RUN_FILE_NAMES = (
 _CHECKPOINT_NAME = re.compile(r"checkpoint_\d+\.npz")
 
 # Temporary names of interrupted atomic writes: weights.save and atomic_write_text
-# (".<name>.<pid>.<hex>.tmp"), the loss-curve drawing (".<hex>.loss_curve.png"), and the names
-# earlier versions used for log.csv and config.json.
+# (".<name>.<pid>.<hex>.tmp"), the run's figures through atomic_save (".<hex>.<figure>.png"),
+# and the names earlier versions used for log.csv and config.json.
 _TEMP_NAMES = (
     re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp"),
-    re.compile(r"\.[0-9a-f]{8}\.loss_curve\.png"),
+    re.compile(r"\.[0-9a-f]{8}\.(loss_curve|predictions|eval_predictions)\.png"),
     re.compile(r"log\.csv\.[0-9a-f]{8}\.tmp"),
     re.compile(r"config\.json\.tmp"),
 )
@@ -61,6 +61,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_save(path: str | os.PathLike, write) -> str:
+    """``write(tmp)`` writes the file at a hidden temporary sibling ``.<hex>.<name>``, which
+    keeps ``path``'s extension (matplotlib's ``savefig`` picks the format from it); the file
+    is then renamed over ``path``. Whatever ``write`` raises, no temporary file is left.
+    Returns the path."""
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{secrets.token_hex(4)}.{name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 

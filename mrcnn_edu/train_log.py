@@ -14,9 +14,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-import secrets
 
-from .run_folder import atomic_write_text
+from .run_folder import atomic_save, atomic_write_text
 
 LOG_NAME = "log.csv"
 
@@ -117,21 +116,13 @@ def draw_curves(log_path: str, plot_path: str, draw, say) -> str | None:
     failure is passed to ``say`` and returns None: a figure never stops training."""
     if not has_rows(log_path):
         return None
-    directory, name = os.path.split(os.path.abspath(plot_path))
-    # The temporary name keeps the .png suffix: savefig picks the format from it.
-    tmp = os.path.join(directory, f".{secrets.token_hex(4)}.{name}")
     try:
-        draw(log_path, tmp)
-        os.replace(tmp, plot_path)
+        return atomic_save(plot_path, lambda tmp: draw(log_path, tmp))
     except ImportError:
         return None
     except Exception as err:
         say(f"(loss curve not drawn: {type(err).__name__}: {err})")
         return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return plot_path
 
 
 def has_rows(path: str) -> bool:

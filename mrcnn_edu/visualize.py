@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .backend import to_host
+from .run_folder import atomic_save
 
 _HINT = "pip install 'mrcnn-edu[demo]'"
 # Well-separated colours, one per instance: the d-th instance of a panel gets
@@ -217,9 +218,7 @@ def save_predictions_figure(
             slot += 1
         _draw_prediction(axes[slot], images[i], predictions[i], score_threshold, class_names)
     fig.tight_layout()
-    path = os.fspath(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 def _num_to_draw(images, predictions, targets, max_images) -> int:

@@ -256,7 +256,8 @@ def test_leftover_temp_files_are_removed_on_the_next_start(run, capsys):
         ".last.npz.4194305.0badf00d.tmp",  # weights.save (a process id above Linux's maximum)
         ".log.csv.4194305.0badf00d.tmp",  # the log's rewrite
         "log.csv.0badf00d.tmp",  # the log's rewrite, earlier name
-        ".0badf00d.loss_curve.png",  # the figure
+        ".0badf00d.loss_curve.png",  # the figures (run_folder.atomic_save)
+        ".0badf00d.predictions.png",
     ]
     # not temporary names, and a write of a process that is still running (our parent)
     kept = ["notes.tmp", ".hidden.tmp", "my.loss_curve.png", f".x.npz.{os.getppid()}.0badf00d.tmp"]
@@ -360,3 +361,21 @@ def test_classes_of_a_run_that_did_not_record_them(run):
         if name.endswith(".npz"):
             os.remove(run / name)
     assert load_run_classes(str(run)) == (("circle", "square", "triangle"), [1, 2, 3])
+
+
+def test_atomic_save_leaves_the_old_file_and_no_temporary_when_writing_fails(tmp_path):
+    from mrcnn_edu.run_folder import atomic_save
+
+    target = tmp_path / "figure.png"
+    target.write_text("old")
+
+    def broken(tmp):
+        assert tmp.endswith(".figure.png")  # the extension is kept for savefig
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save(target, broken)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["figure.png"]
+    assert atomic_save(target, lambda tmp: open(tmp, "w").write("new")) == str(target)
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["figure.png"]
