@@ -9,6 +9,7 @@ from test_layers import CONV_CASES, conv2d_definition, conv_transpose2d_definiti
 from mrcnn_edu.backbone import Bottleneck, ResNetFPN
 from mrcnn_edu.heads import MaskHead, MaskRCNNPredictor, RPNHead
 from mrcnn_edu.mask_rcnn import MaskRCNN
+from mrcnn_edu.nn import conv as C
 from mrcnn_edu.nn import functional as F
 from mrcnn_edu.nn import inference as I
 from mrcnn_edu.nn import layers as L
@@ -17,7 +18,7 @@ from mrcnn_edu.nn import layers as L
 @pytest.fixture
 def tiny_buffer(monkeypatch):
     """A columns buffer of 2 KiB: convolutions run in many blocks (rows, or groups of images)."""
-    monkeypatch.setattr(I, "COLS_BUFFER_BYTES", 2048)
+    monkeypatch.setattr(C, "COLS_BUFFER_BYTES", 2048)
 
 
 def randomise_frozen_bn(module, seed=0):
@@ -38,7 +39,7 @@ def randomise_frozen_bn(module, seed=0):
 @pytest.mark.parametrize("blocks", [False, True])
 def test_conv2d_equals_definition_in_one_block_or_many(k, s, p, d, blocks, monkeypatch):
     if blocks:
-        monkeypatch.setattr(I, "COLS_BUFFER_BYTES", 2048)
+        monkeypatch.setattr(C, "COLS_BUFFER_BYTES", 2048)
     x, w, b = rand(3, 3, 9, 8, seed=1), rand(4, 3, *k, seed=2), rand(4, seed=3)
     expected = conv2d_definition(x, w, b, s, p, d)
     np.testing.assert_allclose(I.conv2d(x, w, b, s, p, d), expected, rtol=1e-12, atol=1e-12)
@@ -54,7 +55,7 @@ def test_conv2d_blocks_of_rows_and_of_images_cover_every_output(tiny_buffer):
     # one image: bands of rows (the last one shorter); many small images: groups of images
     for shape in [(1, 5, 23, 17), (7, 5, 6, 5)]:
         x, w, b = rand(*shape, seed=4), rand(6, 5, 3, 3, seed=5), rand(6, seed=6)
-        blocks = list(I._blocks(shape[0], shape[2], shape[3], 2048 // (45 * 8)))
+        blocks = list(C._blocks(shape[0], shape[2], shape[3], 2048 // (45 * 8)))
         assert len(blocks) > 1
         np.testing.assert_allclose(
             I.conv2d(x, w, b, 1, 1), F.conv2d_forward(x, w, b, 1, 1)[0], rtol=1e-12, atol=1e-12

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from helpers import rand
 
+from mrcnn_edu.nn import conv as C
 from mrcnn_edu.nn import functional as F
 from mrcnn_edu.nn import layers as L
 from mrcnn_edu.nn.gradcheck import check_function, check_module
@@ -67,6 +68,12 @@ CONV_CASES = [
     ((1, 1), (2, 2), (0, 0), (1, 1)),
     ((3, 2), (1, 2), (2, 0), (2, 1)),
     ((7, 7), (2, 2), (3, 3), (1, 1)),
+    # stride 1: dx by a convolution of dy (dilated, non-square), unless the padding exceeds
+    # d*(k-1) (then col2im, as for every stride > 1)
+    ((3, 2), (1, 1), (2, 1), (2, 1)),
+    ((3, 3), (1, 1), (3, 2), (1, 1)),
+    ((1, 1), (1, 1), (1, 0), (1, 1)),
+    ((1, 1), (2, 3), (0, 0), (1, 1)),  # 1x1 without padding: per-image GEMMs, strided read
 ]
 
 
@@ -78,9 +85,41 @@ def test_conv2d_forward_equals_nested_loop_definition(k, s, p, d):
 
 
 @pytest.mark.parametrize("k,s,p,d", CONV_CASES)
-def test_conv2d_gradcheck_input_weight_bias(k, s, p, d):
+@pytest.mark.parametrize("layout", ["one block", "many blocks", "channel-major 1x1"])
+def test_conv2d_gradcheck_input_weight_bias(k, s, p, d, layout, monkeypatch):
+    """Every way the columns are handled: kept from the forward (one block); rebuilt by the
+    backward, in bands of rows and groups of images (a 2 KiB buffer); and a 1x1 convolution as
+    one channel-major GEMM instead of one GEMM per image."""
+    if layout == "many blocks":
+        monkeypatch.setattr(C, "COLS_BUFFER_BYTES", 2048)
+    if layout == "channel-major 1x1":
+        monkeypatch.setattr(C, "_PER_IMAGE_GEMMS_MAX_IMAGES", 0)
+        monkeypatch.setattr(C, "_PER_IMAGE_GEMM_MAX_MACS", 0)
     conv = L.Conv2d(3, 4, k, stride=s, padding=p, dilation=d, rng=0, dtype=np.float64)
-    check_module(conv, rand(2, 3, 9, 8))
+    x = rand(2, 3, 9, 8)
+    _, cache = F.conv2d_forward(x, conv.weight.data, None, s, p, d)
+    if k == (1, 1) and p == (0, 0):  # the pixels themselves, per image or channel-major
+        assert cache.cols.ndim == (2 if layout == "channel-major 1x1" else 3)
+    else:  # columns kept only when they fit in one block; else the input, to rebuild them
+        assert (cache.cols is None) == (layout == "many blocks")
+        assert (cache.x is x) == (layout == "many blocks")
+    check_module(conv, x)
+
+
+def test_conv2d_weight_gradient_from_columns_rebuilt_over_groups_of_images(monkeypatch):
+    """7 images of 4x4 in blocks of 2 images (the last holds 1): the columns the backward
+    rebuilds give the gradients of the columns the forward keeps when all fit in one block."""
+    x, w, b = rand(7, 2, 4, 4, seed=1), rand(3, 2, 3, 3, seed=2), rand(3, seed=3)
+    y, kept = F.conv2d_forward(x, w, b, 1, 1)
+    g = rand(*y.shape, seed=4)
+    monkeypatch.setattr(C, "COLS_BUFFER_BYTES", 18 * 8 * 32)  # 18 float64 rows x 32 positions
+    blocks = [blk[:2] for blk in C._blocks(7, 4, 4, C._per_block(18, 8, 4))]
+    assert blocks == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    y2, rebuilt = F.conv2d_forward(x, w, b, 1, 1)
+    assert kept.cols is not None and rebuilt.cols is None
+    np.testing.assert_allclose(y2, y, rtol=1e-12, atol=1e-12)
+    for ours, expected in zip(F.conv2d_backward(g, rebuilt), F.conv2d_backward(g, kept)):
+        np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_conv2d_without_bias_has_no_bias_param():
@@ -156,6 +195,14 @@ def test_relu_gradcheck_away_from_zero():
     assert np.all(L.ReLU()(x) == np.maximum(x, 0))
 
 
+def test_relu_keeps_nan_and_passes_its_gradient():
+    """NaN stays NaN (not hidden behind a 0), as in PyTorch; only x <= 0 blocks the gradient."""
+    x = np.array([[np.nan, -1.0, 0.0, 2.0]])
+    y, mask = F.relu_forward(x)
+    np.testing.assert_array_equal(y, [[np.nan, 0.0, 0.0, 2.0]])
+    np.testing.assert_array_equal(mask, [[True, False, False, True]])
+
+
 def test_sequential_gradcheck_and_state_names():
     net = L.Sequential(
         L.Conv2d(2, 3, 3, padding=1, rng=0, dtype=np.float64),
@@ -195,6 +242,15 @@ def test_max_pool_ties_go_to_first_element_in_row_major_order():
     assert dx[0, 0, 0, 1] == 2.0 and dx.sum() == 4.0
 
 
+def test_max_pool_propagates_nan_from_any_window_position():
+    """As PyTorch: a NaN anywhere in a window makes that window's maximum NaN."""
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 1, 1] = np.nan  # the last element of the first 2x2 window
+    x[0, 0, 2, 3] = 7.0
+    y, _ = F.max_pool2d_forward(x, 2, 2)
+    np.testing.assert_array_equal(y[0, 0], [[np.nan, 0.0], [0.0, 7.0]])
+
+
 def test_max_pool_1x1_stride2_is_subsampling():
     """FPN's P6 is max_pool(k=1, s=2) of P5: plain subsampling."""
     x = rand(1, 2, 5, 6)
@@ -216,17 +272,26 @@ def test_upsample_nearest_matches_floor_definition(src, dst):
             np.testing.assert_array_equal(y[:, :, oy, ox], x[:, :, iy, ix])
 
 
-def test_upsample_gradcheck_odd_sizes():
+@pytest.mark.parametrize(
+    "dst",
+    [
+        (7, 9),  # odd sizes: scattered with add.at
+        (6, 8),  # 2x (FPN): sums over 2 x 2 blocks
+        (9, 4),  # 3x and 1x
+        (6, 9),  # 2x rows, odd columns: add.at
+    ],
+)
+def test_upsample_gradcheck(dst):
     up = L.Upsample()
     x = rand(2, 2, 3, 4)
-    g = rand(2, 2, 7, 9, seed=5)
-    y = up(x, size=(7, 9))
+    g = rand(2, 2, *dst, seed=5)
+    y = up(x, size=dst)
     dx = up.backward(g)
     from mrcnn_edu.nn.gradcheck import assert_close_grad, numerical_gradient
 
-    num = numerical_gradient(lambda: np.sum(up(x, size=(7, 9)) * g), x)
+    num = numerical_gradient(lambda: np.sum(up(x, size=dst) * g), x)
     assert_close_grad(dx, num)
-    assert y.shape == (2, 2, 7, 9)
+    assert y.shape == (2, 2, *dst)
 
 
 def test_upsample_needs_a_size():

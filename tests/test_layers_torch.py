@@ -11,7 +11,16 @@ tF = torch.nn.functional
 
 
 @pytest.mark.parametrize(
-    "k,s,p,d", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (3, 1, 2, 2), (7, 2, 3, 1)]
+    "k,s,p,d",
+    [
+        (3, 1, 1, 1),
+        (3, 2, 1, 1),
+        (1, 1, 0, 1),
+        (1, 2, 0, 1),
+        (3, 1, 2, 2),
+        (3, 1, 3, 1),
+        (7, 2, 3, 1),
+    ],
 )
 def test_conv2d_forward_backward_match_torch(k, s, p, d):
     x, w, b = rand(2, 3, 11, 9, seed=1), rand(4, 3, k, k, seed=2), rand(4, seed=3)
