@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .backend import check_device, to_device
+
 DEFAULT_SIZES = ((32,), (64,), (128,), (256,), (512,))
 DEFAULT_ASPECT_RATIOS = ((0.5, 1.0, 2.0),) * 5
 
@@ -52,6 +54,7 @@ class AnchorGenerator:
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
         self._cache: dict[tuple, tuple[np.ndarray, list[int]]] = {}
+        self._device_cache: dict[tuple, object] = {}  # device copies of _cache's anchors
 
     def num_anchors_per_location(self) -> list[int]:
         """A_l = len(sizes_l) * len(ratios_l) for every level."""
@@ -113,23 +116,40 @@ class AnchorGenerator:
         image_shape: tuple[int, int],
         feature_shapes: Sequence[tuple[int, int]],
         dtype=np.float32,
+        device: str = "cpu",
     ) -> np.ndarray:
-        return self.forward(image_shape, feature_shapes, dtype)
+        return self.forward(image_shape, feature_shapes, dtype, device)
 
     def forward(
         self,
         image_shape: tuple[int, int],
         feature_shapes: Sequence[tuple[int, int]],
         dtype=np.float32,
+        device: str = "cpu",
     ) -> np.ndarray:
         """All anchors of one image, levels concatenated: (sum_l H_l W_l A_l, 4).
 
         image_shape: ``(H, W)`` of the padded batch tensor (not of each image: anchors live on
         the padded grid). feature_shapes: ``(H_l, W_l)`` per level. The stride of a level is
-        ``image size // feature size`` per axis. Results are cached per shape (read-only).
+        ``image size // feature size`` per axis. Results are cached per shape (read-only), and
+        per ``device`` (a ``backend`` device name; computed on the host, copied there once).
         """
         anchors, _ = self._anchors(image_shape, feature_shapes, dtype)
-        return anchors
+        if device == "cpu":
+            return anchors
+        shapes = tuple((int(h), int(w)) for h, w in feature_shapes)
+        key = (tuple(int(v) for v in image_shape), shapes, np.dtype(dtype).str, device)
+        if key not in self._device_cache:
+            if len(self._device_cache) > 16:
+                self._device_cache.clear()
+            self._device_cache[key] = to_device(anchors, device)
+        return self._device_cache[key]
+
+    def to(self, device: str) -> AnchorGenerator:
+        """Drop the anchors cached on other devices (``Module.to`` calls this); returns self."""
+        device = check_device(device)
+        self._device_cache = {k: v for k, v in self._device_cache.items() if k[-1] == device}
+        return self
 
     def num_anchors_per_level(self, feature_shapes: Sequence[tuple[int, int]]) -> list[int]:
         """H_l * W_l * A_l for every level (to split predictions back into levels)."""

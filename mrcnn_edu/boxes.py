@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .backend import get_xp
+from .backend import get_xp, raise_if
 
 # exp(dw) is clamped at 1000/16: a box may grow at most ~62x wider than its anchor in one decode.
 # Without the clamp a wild early-training delta sends exp() to inf and the proposals to NaN.
@@ -204,23 +204,30 @@ def validate_boxes(boxes, name: str = "boxes", check_order: bool = False, finite
         else:
             raise ValueError(f"{name} must be a float array, got dtype {boxes.dtype}")
     if finite and boxes.size:
-        if not bool(xp.isfinite(boxes).all()):
-            raise ValueError(f"{name} contains NaN or inf coordinates; filter them out first")
+        raise_if(
+            ~xp.isfinite(boxes).all(),
+            lambda: ValueError(f"{name} contains NaN or inf coordinates; filter them out first"),
+        )
         limit = max_coordinate(boxes.dtype)
-        if bool((xp.abs(boxes) > limit).any()):
-            raise ValueError(
+        raise_if(
+            (xp.abs(boxes) > limit).any(),
+            lambda: ValueError(
                 f"{name} has coordinates beyond +-{limit:.3g}, where {boxes.dtype} areas (and "
                 "their sums in an IoU) overflow to inf; boxes that large are not image boxes"
-            )
+            ),
+        )
     if check_order and boxes.size:
         bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-        if bool(bad.any()):
-            i = int(xp.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{name}[{i}] = {boxes[i].tolist()} has x2 < x1 or y2 < y1; boxes must be "
-                "(x1, y1, x2, y2) with x1 <= x2 and y1 <= y2 (convert from (x, y, w, h)?)"
-            )
+        raise_if(bad.any(), lambda: _order_error(name, boxes, bad))
     return boxes
+
+
+def _order_error(name: str, boxes, bad) -> ValueError:
+    i = int(get_xp(bad).flatnonzero(bad)[0])
+    return ValueError(
+        f"{name}[{i}] = {boxes[i].tolist()} has x2 < x1 or y2 < y1; boxes must be "
+        "(x1, y1, x2, y2) with x1 <= x2 and y1 <= y2 (convert from (x, y, w, h)?)"
+    )
 
 
 def max_coordinate(dtype) -> float:

@@ -61,13 +61,14 @@ class Matcher:
 
         # best GT for each prediction; argmax keeps the first of equal maxima (as torch.max does)
         matched_vals = match_quality_matrix.max(axis=0)
-        matches = match_quality_matrix.argmax(axis=0).astype(xp.int64)
-        all_matches = matches.copy()
+        all_matches = match_quality_matrix.argmax(axis=0).astype(xp.int64)
 
+        # xp.where, not masked assignment: a boolean mask index sizes its result from the data,
+        # which costs a host sync on a GPU
         below_low = matched_vals < self.low_threshold
         between = (matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)
-        matches[below_low] = self.BELOW_LOW_THRESHOLD
-        matches[between] = self.BETWEEN_THRESHOLDS
+        matches = xp.where(below_low, xp.int64(self.BELOW_LOW_THRESHOLD), all_matches)
+        matches = xp.where(between, xp.int64(self.BETWEEN_THRESHOLDS), matches)
 
         if self.allow_low_quality_matches:
             # For each GT, the predictions that reach its best quality (ties included) get back
@@ -75,7 +76,7 @@ class Matcher:
             # best for one box but overlaps another even more.
             highest_per_gt = match_quality_matrix.max(axis=1)
             is_best_for_some_gt = (match_quality_matrix == highest_per_gt[:, None]).any(axis=0)
-            matches[is_best_for_some_gt] = all_matches[is_best_for_some_gt]
+            matches = xp.where(is_best_for_some_gt, all_matches, matches)
         return matches
 
 

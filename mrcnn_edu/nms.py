@@ -19,14 +19,14 @@ Work is proportional to (kept boxes) x (alive boxes), so crowded scenes -- where
 suppressed early -- are cheap, and memory stays at ``TILE x COLUMN_CHUNK`` floats.
 
 On the GPU (CuPy arrays) ``nms`` validates and then calls the kernel returned by
-``backend.gpu_kernel("nms", "nms")``; this module never imports cupy.
+``backend.device_kernel(boxes, "nms", "nms")``; this module never imports cupy.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_xp, gpu_kernel, is_cupy_array
+from .backend import device_kernel, get_xp, is_device_array, raise_if
 from .boxes import validate_boxes
 
 TILE = 256  # rows resolved together; the in-tile greedy pass is O(TILE) Python steps
@@ -42,8 +42,8 @@ def nms(boxes, scores, iou_threshold: float):
     Returns (K,) int64 indices of the kept boxes, by decreasing score (ties: lower index first).
     """
     boxes, scores, iou_threshold = _validate(boxes, scores, iou_threshold)
-    if is_cupy_array(boxes):
-        return gpu_kernel("nms", "nms")(boxes, scores, iou_threshold)
+    if is_device_array(boxes):
+        return device_kernel(boxes, "nms", "nms")(boxes, scores, iou_threshold)
     if boxes.shape[0] == 0:
         return np.empty((0,), dtype=np.int64)
     return _nms_tiled(boxes, scores, iou_threshold)
@@ -71,9 +71,9 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float):
         )
     if boxes.shape[0] == 0:
         return xp.empty((0,), dtype=xp.int64)
-    if is_cupy_array(boxes):
+    if is_device_array(boxes):
         try:  # one kernel launch for all categories when the GPU module provides it
-            return gpu_kernel("nms", "batched_nms")(boxes, scores, idxs, iou_threshold)
+            return device_kernel(boxes, "nms", "batched_nms")(boxes, scores, idxs, iou_threshold)
         except NotImplementedError:
             pass  # fall back to one nms call (one kernel) per category
     keep_mask = xp.zeros(boxes.shape[0], dtype=bool)
@@ -101,8 +101,13 @@ def _validate(boxes, scores, iou_threshold):
         )
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(xp.float64)
-    if scores.size and bool(xp.isnan(scores).any()):
-        raise ValueError("scores contain NaN; NaN cannot be ranked -- check the model's outputs")
+    if scores.size:
+        raise_if(
+            xp.isnan(scores).any(),
+            lambda: ValueError(
+                "scores contain NaN; NaN cannot be ranked -- check the model's outputs"
+            ),
+        )
     iou_threshold = float(iou_threshold)
     if iou_threshold != iou_threshold:
         raise ValueError("iou_threshold is NaN; pass a number such as 0.5 or 0.7")

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .backend import is_cupy_array, to_host
+from .backend import is_device_array, to_host
 from .convert import from_torchvision as from_torchvision  # re-exported: torchvision weights
 
 SEP = "/"
@@ -135,7 +135,7 @@ def _flatten(state: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def _to_array(value, name: str) -> np.ndarray:
-    if is_cupy_array(value):
+    if is_device_array(value):
         value = to_host(value)
     if isinstance(value, str):
         return np.array(value)  # 0-d '<U..' array: text without pickle

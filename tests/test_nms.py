@@ -150,8 +150,8 @@ def test_gpu_arrays_are_validated_then_handed_to_the_kernel(monkeypatch):
         calls.append(iou_threshold)
         return "kernel result"
 
-    monkeypatch.setattr(nms_module, "is_cupy_array", lambda a: True)
-    monkeypatch.setattr(nms_module, "gpu_kernel", lambda family, name: fake_kernel)
+    monkeypatch.setattr(nms_module, "is_device_array", lambda a: True)
+    monkeypatch.setattr(nms_module, "device_kernel", lambda array, family, name: fake_kernel)
     boxes = np.array([[0.0, 0, 1, 1]])
     assert nms(boxes, np.array([1.0]), 0.5) == "kernel result"
     assert calls == [0.5]

@@ -572,7 +572,7 @@ FakeCupyArray.__module__ = "cupy._fake"
 def test_cupy_inputs_dispatch_to_the_gpu_kernels_after_validation(monkeypatch):
     calls = []
 
-    def fake_gpu_kernel(family, name):
+    def fake_device_kernel(array, family, name):
         def kernel(*args):
             calls.append((family, name, args))
             return "from the kernel"
@@ -580,7 +580,7 @@ def test_cupy_inputs_dispatch_to_the_gpu_kernels_after_validation(monkeypatch):
         return kernel
 
     for module in (roi_ops.align, roi_ops.pool):  # the modules that dispatch to kernels
-        monkeypatch.setattr(module, "gpu_kernel", fake_gpu_kernel)
+        monkeypatch.setattr(module, "device_kernel", fake_device_kernel)
     monkeypatch.setitem(sys.modules, "cupy", np)  # get_xp() on the fake arrays returns numpy
     features = np.zeros((1, 2, 4, 4)).view(FakeCupyArray)
     rois = np.array([[0.0, 0, 0, 2, 2]]).view(FakeCupyArray)

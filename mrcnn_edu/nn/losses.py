@@ -1,7 +1,8 @@
 """The three losses of Mask R-CNN, each returning ``(loss, grad)``.
 
 A loss is the end of the graph, so it needs no upstream gradient: every function here returns
-the reduced loss as a Python ``float`` together with ``d loss / d input``, an array with the
+the reduced loss as a Python ``float`` (on a GPU: a 0-d float64 device array, so that a step's
+losses reach the host in one transfer) together with ``d loss / d input``, an array with the
 input's shape and dtype that the caller feeds to the backward of whatever produced the input.
 
 - ``softmax_cross_entropy``: the box head's classification loss (labels ``-1`` are ignored).
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_xp
+from ..backend import get_xp, is_device_array, raise_if
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -48,17 +49,19 @@ def softmax_cross_entropy(
     # Ignored rows pick class 0 (any valid column) and are then masked out, which keeps the
     # indexing branch-free.
     safe_labels = xp.where(valid, labels, 0)
-    count = int(valid.sum())
     total = -xp.sum(xp.where(valid, log_p[rows, safe_labels], 0))
-    denom = max(count, 1) if reduction == "mean" else 1
 
     # d(-log p_y)/dz = softmax(z) - onehot(y): the classic softmax-CE gradient.
     grad = xp.exp(log_p)
     grad[rows, safe_labels] -= 1
     grad *= valid[:, None].astype(grad.dtype)
-    if denom != 1:
-        grad /= denom
-    return float(total) / denom, grad
+    if reduction == "sum":
+        return _as_loss(total.astype(xp.float64)), grad
+    # The count stays an array (no host sync on a GPU); dividing by it in float32 / float64
+    # gives the bits a Python int would.
+    denom = xp.maximum(valid.sum(), 1)
+    grad /= denom.astype(grad.dtype)
+    return _as_loss(total.astype(xp.float64) / denom), grad
 
 
 def binary_cross_entropy_with_logits(
@@ -90,11 +93,11 @@ def binary_cross_entropy_with_logits(
     if weights is not None:
         per_element = per_element * weights
         grad = grad * weights
-    total = float(xp.sum(per_element))
+    total = xp.sum(per_element).astype(xp.float64)
     if reduction == "mean" and logits.size > 0:
         grad /= logits.size
-        return total / logits.size, grad
-    return total, grad
+        return _as_loss(total / logits.size), grad
+    return _as_loss(total), grad
 
 
 def smooth_l1(pred, target, beta: float = 1.0, reduction: str = "sum") -> tuple[float, object]:
@@ -130,11 +133,11 @@ def smooth_l1(pred, target, beta: float = 1.0, reduction: str = "sum") -> tuple[
         quadratic = abs_x < beta
         per_element = xp.where(quadratic, 0.5 * x * x / beta, abs_x - 0.5 * beta)
         grad = xp.where(quadratic, x / beta, xp.sign(x))
-    total = float(xp.sum(per_element))
+    total = xp.sum(per_element).astype(xp.float64)
     if reduction == "mean" and pred.size > 0:
         grad /= pred.size
-        return total / pred.size, grad
-    return total, grad
+        return _as_loss(total / pred.size), grad
+    return _as_loss(total), grad
 
 
 def sigmoid(x):
@@ -186,13 +189,16 @@ def _check_cross_entropy_inputs(logits, labels, ignore_index: int, reduction: st
         )
     valid = labels != ignore_index
     out_of_range = valid & ((labels < 0) | (labels >= c))
-    if bool(xp.any(out_of_range)):
+
+    def error():
         bad = labels[out_of_range]
-        raise ValueError(
+        return ValueError(
             f"softmax_cross_entropy: labels must lie in [0, {c}) or equal ignore_index="
             f"{ignore_index}; got {int(bad.min())}..{int(bad.max())} "
             f"({int(out_of_range.sum())} bad labels)"
         )
+
+    raise_if(xp.any(out_of_range), error)
     return labels, valid
 
 
@@ -206,11 +212,14 @@ def _check_bce_inputs(logits, targets, weights, reduction: str):
         loss, logits, "logits", targets, "targets", reduction, kinds="biuf"
     )
     targets = targets.astype(logits.dtype, copy=False)
-    if targets.size and bool(xp.any((targets < 0) | (targets > 1) | xp.isnan(targets))):
-        raise ValueError(
-            f"{loss}: targets must lie in [0, 1] "
-            f"(got min {float(xp.nanmin(targets))}, max {float(xp.nanmax(targets))}, or NaN); "
-            "a 0/255 mask must be divided by 255 first"
+    if targets.size:
+        raise_if(
+            xp.any((targets < 0) | (targets > 1) | xp.isnan(targets)),
+            lambda: ValueError(
+                f"{loss}: targets must lie in [0, 1] (got min {float(xp.nanmin(targets))}, "
+                f"max {float(xp.nanmax(targets))}, or NaN); a 0/255 mask must be divided by "
+                "255 first"
+            ),
         )
     if weights is None:
         return targets, None
@@ -239,6 +248,12 @@ def _check_elementwise_inputs(loss, x, x_name, target, target_name, reduction, k
     if target.dtype.kind not in kinds:
         raise ValueError(f"{loss}: {target_name} must be numeric, got {target.dtype}")
     return target
+
+
+def _as_loss(value):
+    """A reduced loss as returned: a Python float from NumPy; on a device the 0-d array itself
+    (reading it would be a host sync per loss; the model fetches all losses at once)."""
+    return value if is_device_array(value) else float(value)
 
 
 def _check_reduction(reduction: str) -> None:

@@ -27,6 +27,7 @@ The backward contract, which every Module in the package follows:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
 
 import numpy as np
 
@@ -139,8 +140,11 @@ class Module:
         return self.train(False)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Name -> array (the live arrays; copy before mutating)."""
-        return {name: p.data for name, p in self.named_parameters()}
+        """Name -> NumPy array: on the CPU the live arrays (copy before mutating); from a GPU
+        host copies, so a checkpoint is the same ``.npz`` whichever device wrote it."""
+        from ..backend import to_host
+
+        return {name: to_host(p.data) for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Copy arrays into the Params. Missing or unexpected keys and shape mismatches raise a
@@ -181,20 +185,53 @@ class Module:
             p.grad = p.grad.astype(dtype)
         return self
 
-    def to(self, xp_module) -> Module:
-        """Move every Param to ``numpy`` or ``cupy`` (pass the module itself)."""
-        for _, p in self.named_parameters():
-            if xp_module is np:
-                from ..backend import to_host
+    def to(self, device) -> Module:
+        """Move every Param (data and grad) and every other array this module and its children
+        keep (buffers, caches; also inside lists, tuples and dicts) to ``device``; returns self.
 
-                p.data, p.grad = to_host(p.data), to_host(p.grad)
-            else:
-                p.data, p.grad = xp_module.asarray(p.data), xp_module.asarray(p.grad)
+        ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a registered device name
+        (``backend.check_device``; the modules ``numpy`` and ``cupy`` are accepted too). Arrays
+        already there are kept as they are, so ``to`` the current device copies nothing. A
+        non-Module object with a ``to(device)`` method (the anchor generator, keeping anchors
+        per device) is asked to move itself."""
+        from ..backend import check_device, to_device
+
+        if isinstance(device, ModuleType):
+            device = "cpu" if device is np else "cuda"
+        device = check_device(device)
+        for m in self.modules():
+            for name, value in list(vars(m).items()):
+                if isinstance(value, Param):
+                    value.data = to_device(value.data, device)
+                    value.grad = to_device(value.grad, device)
+                elif isinstance(value, Module) or _holds_modules(value):
+                    continue  # visited by modules()
+                elif callable(getattr(value, "to", None)) and not isinstance(value, type):
+                    value.to(device)
+                elif _holds_arrays(value):
+                    setattr(m, name, to_device(value, device))
         return self
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(p.shape)) for _, p in self.named_parameters())
         return f"{type(self).__name__}(params={n})"
+
+
+def _holds_modules(value) -> bool:
+    return isinstance(value, (list, tuple)) and any(isinstance(v, Module) for v in value)
+
+
+def _holds_arrays(value) -> bool:
+    """True for an array, or a list/tuple/dict (a NamedTuple cache too) holding one."""
+    from ..backend import is_device_array
+
+    if isinstance(value, np.ndarray) or is_device_array(value):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_arrays(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_arrays(v) for v in value)
+    return False
 
 
 def nonfinite_entries(state: dict) -> list[str]:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..backend import get_xp
+from ..backend import device_of, get_xp, is_device_array, to_device, to_host
 from .module import Param
 
 
@@ -70,6 +70,8 @@ class SGD:
         first = self.momentum_buffers is None
         if first and self.momentum != 0:
             self.momentum_buffers = [None] * len(self.params)
+        elif not first:
+            self._follow_params()
         for i, p in enumerate(self.params):
             wd = self._decay_for(p)
             g = p.grad + wd * p.data if wd != 0 else p.grad
@@ -91,11 +93,12 @@ class SGD:
             p.zero_grad()
 
     def state_dict(self) -> dict:
-        """Copies of the momentum buffers (keyed ``"0"``, ``"1"``, ... in ``params`` order) and
-        the step count and hyperparameters; nested, ready for ``weights.save``."""
+        """Copies of the momentum buffers (keyed ``"0"``, ``"1"``, ... in ``params`` order; host
+        NumPy arrays, also when the params live on a GPU) and the step count and
+        hyperparameters; nested, ready for ``weights.save``."""
         buffers = {}
         if self.momentum_buffers is not None:
-            buffers = {str(i): buf.copy() for i, buf in enumerate(self.momentum_buffers)}
+            buffers = {str(i): _host_copy(buf) for i, buf in enumerate(self.momentum_buffers)}
         return {
             "step": self.step_count,
             "num_params": len(self.params),
@@ -111,7 +114,8 @@ class SGD:
         dict from ``weights.load(path, nested=True)`` can be passed straight in).
 
         Raises ValueError when the state was made for a different number of Params or its
-        buffer shapes do not match them.
+        buffer shapes do not match them. The buffers are put where their params live (a
+        checkpoint's host arrays go to the GPU of a GPU model).
         """
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError(
@@ -158,6 +162,14 @@ class SGD:
                 f"{self.momentum} but holds no momentum buffers; the checkpoint is incomplete"
             )
         self.momentum_buffers = new_buffers
+
+    def _follow_params(self) -> None:
+        """Move each momentum buffer to its param's device (after ``model.to(device)``), so the
+        buffers always live where their params live."""
+        for i, (p, buf) in enumerate(zip(self.params, self.momentum_buffers)):
+            device = device_of(p.data)
+            if device_of(buf) != device:
+                self.momentum_buffers[i] = to_device(buf, device)
 
     def _decay_for(self, p: Param) -> float:
         if self.exclude_no_weight_decay and p.no_weight_decay:
@@ -278,6 +290,11 @@ def _scalar(value):
     if arr.size != 1:
         raise ValueError(f"expected a single value in the state dict, got shape {arr.shape}")
     return arr.reshape(()).item()
+
+
+def _host_copy(a) -> np.ndarray:
+    """A NumPy copy of a host or device array."""
+    return to_host(a) if is_device_array(a) else a.copy()
 
 
 def _int_or_str(key: str):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_xp, is_cupy_array
+from ..backend import get_xp, is_device_array, raise_if
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -27,10 +27,13 @@ def check_finite(what: str, *arrays) -> None:
     inference path would otherwise drop NaN scores or boxes silently (NaN > t is False) and
     answer "no detections" for a broken model."""
     for a in arrays:
-        if a.size and not bool(get_xp(a).isfinite(a).all()):
-            raise NonFiniteError(
-                f"{what} hold NaN or inf: the model's weights are broken (NaN weights, or a "
-                "diverged run), or values overflowed"
+        if a.size:
+            raise_if(
+                ~get_xp(a).isfinite(a).all(),
+                lambda: NonFiniteError(
+                    f"{what} hold NaN or inf: the model's weights are broken (NaN weights, or "
+                    "a diverged run), or values overflowed"
+                ),
             )
 
 
@@ -63,7 +66,7 @@ def pair(value, name: str = "value", minimum: int | None = None) -> tuple[int, i
 
 def check_array(a, name: str) -> None:
     """A NumPy or CuPy array, nothing else (lists are not silently converted)."""
-    if not (isinstance(a, np.ndarray) or is_cupy_array(a)):
+    if not (isinstance(a, np.ndarray) or is_device_array(a)):
         raise ValueError(f"{name} must be a NumPy (or CuPy) array, got {type(a).__name__}")
 
 

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ..backend import get_xp
+from ..backend import get_xp, raise_if
 from ..nn.utils import NonFiniteError, check_array, check_float_array, pair
 
 
@@ -89,15 +89,18 @@ def check_adaptive_extent(rois, shape, spatial_scale, sampling_ratio) -> None:
     sides = (rois[:, 3:5] - rois[:, 1:3]).astype(xp.float64) * float(spatial_scale)  # (w, h)
     limits = xp.asarray([width + 1, height + 1], dtype=xp.float64) * ADAPTIVE_EXTENT_LIMIT
     too_big = (sides > limits).any(axis=1)
-    if bool(too_big.any()):
+
+    def error():
         i = int(xp.flatnonzero(too_big)[0])
         w, h = (float(v) for v in sides[i])
-        raise ValueError(
+        return ValueError(
             f"rois[{i}] spans {h:.4g} x {w:.4g} feature pixels (h x w) on a {height} x {width} "
             f"map: with adaptive sampling (sampling_ratio <= 0) its samples grow with its size, "
             f"so RoIs over {ADAPTIVE_EXTENT_LIMIT}x the map (+1 pixel) are refused; clip the "
             "boxes to the image, or pass a fixed sampling_ratio"
         )
+
+    raise_if(too_big.any(), error)
 
 
 def check_features_array(a, name) -> None:
@@ -115,18 +118,22 @@ def check_finite_features(input) -> None:
     # The separable form multiplies whole windows by weights that may be 0, and 0 * inf = NaN
     # would leak into bins whose samples never touch the inf: refuse rather than differ.
     xp = get_xp(input)
-    if not bool(xp.isfinite(input).all()):
-        raise NonFiniteError("input contains NaN or inf; RoIAlign needs finite features")
+    raise_if(
+        ~xp.isfinite(input).all(),
+        lambda: NonFiniteError("input contains NaN or inf; RoIAlign needs finite features"),
+    )
 
 
 def check_no_nan(input) -> None:
     """RoIPool's input holds no NaN (infinities are fine: they compare)."""
     xp = get_xp(input)
-    if bool(xp.isnan(input).any()):
-        raise ValueError(
+    raise_if(
+        xp.isnan(input).any(),
+        lambda: ValueError(
             "input contains NaN; the maximum of a bin holding a NaN is ill-defined (torchvision "
             "silently skips them) -- find where the NaN comes from first"
-        )
+        ),
+    )
 
 
 def check_rois(rois, n_images, dtype, xp, what="input"):
@@ -157,22 +164,29 @@ def check_rois(rois, n_images, dtype, xp, what="input"):
 
 def _check_roi_values(rois, n_images, xp) -> None:
     """Finite coordinates, whole batch indices in [0, N), corners in (x1, y1, x2, y2) order."""
-    if not bool(xp.isfinite(rois).all()):
-        raise ValueError("rois contain NaN or inf coordinates")
+    raise_if(~xp.isfinite(rois).all(), lambda: ValueError("rois contain NaN or inf coordinates"))
     batch = rois[:, 0]
-    if bool((batch != xp.floor(batch)).any()):
-        raise ValueError("rois[:, 0] must hold whole batch indices (0, 1, ...)")
-    if bool((batch < 0).any()) or bool((batch >= n_images).any()):
-        raise ValueError(
+    raise_if(
+        (batch != xp.floor(batch)).any(),
+        lambda: ValueError("rois[:, 0] must hold whole batch indices (0, 1, ...)"),
+    )
+    raise_if(
+        ((batch < 0) | (batch >= n_images)).any(),
+        lambda: ValueError(
             f"rois[:, 0] (batch index) must be in [0, N = {n_images}), got values from "
             f"{float(batch.min()):g} to {float(batch.max()):g}"
-        )
-    if bool((rois[:, 3] < rois[:, 1]).any()) or bool((rois[:, 4] < rois[:, 2]).any()):
-        bad = int(xp.flatnonzero((rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2]))[0])
-        raise ValueError(
+        ),
+    )
+    unordered = (rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2])
+
+    def order_error():
+        bad = int(xp.flatnonzero(unordered)[0])
+        return ValueError(
             f"rois must have x2 >= x1 and y2 >= y1 (x1, y1, x2, y2 order); row {bad} is "
             f"{[float(v) for v in rois[bad]]}"
         )
+
+    raise_if(unordered.any(), order_error)
 
 
 # ============================================================================================
@@ -228,10 +242,13 @@ def check_pool_grad(grad_output, argmax, shape) -> None:
         )
     if argmax.dtype.kind not in "iu":
         raise ValueError(f"argmax must be an integer array from roi_pool, got {argmax.dtype}")
-    if argmax.size and (int(argmax.min()) < -1 or int(argmax.max()) >= h * w):
-        raise ValueError(
-            f"argmax values must be -1 or plane indices in [0, H*W = {h * w}); these do not "
-            "come from a roi_pool on a map of this input_shape"
+    if argmax.size:
+        raise_if(
+            ((argmax < -1) | (argmax >= h * w)).any(),
+            lambda: ValueError(
+                f"argmax values must be -1 or plane indices in [0, H*W = {h * w}); these do "
+                "not come from a roi_pool on a map of this input_shape"
+            ),
         )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import gpu_kernel, is_cupy_array
+from ..backend import device_kernel, is_device_array
 from ..nn.utils import pair
 from ._checks import (
     check_adaptive_extent,
@@ -55,8 +55,8 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     sampling_ratio, aligned = check_align_args(sampling_ratio, aligned)
     check_adaptive_extent(rois, input.shape, spatial_scale, sampling_ratio)
     check_finite_features(input)
-    if is_cupy_array(input):
-        fn = gpu_kernel("roi_align", "roi_align")
+    if is_device_array(input):
+        fn = device_kernel(input, "roi_align", "roi_align")
         return fn(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
     return _roi_align_forward(input, rois, ph, pw, spatial_scale, sampling_ratio, aligned)
 
@@ -81,8 +81,8 @@ def roi_align_backward(
     sampling_ratio, aligned = check_align_args(sampling_ratio, aligned)
     check_adaptive_extent(rois, shape, spatial_scale, sampling_ratio)
     check_grad_shape(grad_output, (rois.shape[0], shape[1], ph, pw))
-    if is_cupy_array(grad_output):
-        fn = gpu_kernel("roi_align", "roi_align_backward")
+    if is_device_array(grad_output):
+        fn = device_kernel(grad_output, "roi_align", "roi_align_backward")
         return fn(grad_output, rois, shape, (ph, pw), spatial_scale, sampling_ratio, aligned)
     return _roi_align_backward(
         grad_output, rois, shape, ph, pw, spatial_scale, sampling_ratio, aligned

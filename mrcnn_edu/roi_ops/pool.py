@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import gpu_kernel, is_cupy_array
+from ..backend import device_kernel, is_device_array
 from ..nn.utils import pair
 from ._checks import (
     check_input_shape,
@@ -58,8 +58,8 @@ def roi_pool(input, rois, output_size, spatial_scale: float = 1.0):
     """
     input, rois, (ph, pw) = check_pool_args(input, rois, output_size, spatial_scale)
     check_no_nan(input)
-    if is_cupy_array(input):
-        return gpu_kernel("roi_align", "roi_pool")(input, rois, (ph, pw), spatial_scale)
+    if is_device_array(input):
+        return device_kernel(input, "roi_align", "roi_pool")(input, rois, (ph, pw), spatial_scale)
     return _roi_pool_forward(input, rois, ph, pw, spatial_scale)
 
 
@@ -75,8 +75,8 @@ def roi_pool_backward(grad_output, argmax, input_shape, rois=None):
     n, c, h, w = check_input_shape(input_shape)
     check_pool_grad(grad_output, argmax, (n, c, h, w))
     rois = check_pool_grad_rois(rois, n, grad_output)
-    if is_cupy_array(grad_output):
-        fn = gpu_kernel("roi_align", "roi_pool_backward")
+    if is_device_array(grad_output):
+        fn = device_kernel(grad_output, "roi_align", "roi_pool_backward")
         return fn(grad_output, argmax, (n, c, h, w), rois)
     return _roi_pool_backward(grad_output, argmax, (n, c, h, w), rois)
 
