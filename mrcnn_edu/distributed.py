@@ -1,6 +1,7 @@
 """Synchronous data parallelism: one process per rank, gradients averaged after each backward.
 
     mpiexec -n 2 mrcnn-edu train --config run.json      # two CPU processes, MPI between them
+    mpiexec -n 8 mrcnn-edu train --config run.json --device cuda   # 8 GPUs, NCCL between them
 
 Every rank holds the whole model. Each step, rank ``r`` runs forward and backward on its own
 ``batch_size`` images, then the gradients of all ranks are *averaged* (one all-reduce per
@@ -11,8 +12,8 @@ identical without ever being sent again. ``docs/data_parallel.md`` tells the sto
   ``allreduce_mean_``, ``broadcast_``, ``barrier``, ``agree`` and ``abort``.
 - :class:`SingleProcess` (no communication), :class:`MpiCommunicator` (mpi4py, NumPy arrays);
   ``kernels/nccl.py`` has ``NcclCommunicator`` (CuPy arrays, NCCL).
-- :func:`get_communicator`: MPI when launched by ``mpiexec`` with more than one rank, else
-  :class:`SingleProcess`; mpi4py is imported only then.
+- :func:`get_communicator`: MPI when launched by ``mpiexec`` with more than one rank (NCCL
+  with ``device="cuda"``), else :class:`SingleProcess`; mpi4py is imported only then.
 - :class:`GradientBuckets`: the gradients flattened into buckets and averaged in place.
 - :func:`shard`: the DistributedSampler rule, rank ``r``'s strided share of an epoch's order.
 """
@@ -41,6 +42,9 @@ class Communicator:
 
     rank: int = 0
     world_size: int = 1
+    # True when the collectives take device (CuPy) arrays: NCCL. MPI and a single process take
+    # host (NumPy) arrays.
+    on_device: bool = False
 
     def allreduce_mean_(self, buffer):
         """Replace ``buffer`` (a flat array) in place by its mean over the ranks; returns it."""
@@ -168,21 +172,47 @@ def launched_world_size(environ=None) -> int:
     return 1
 
 
-def get_communicator(environ=None) -> Communicator:
-    """:class:`MpiCommunicator` under ``mpiexec -n N`` with N > 1, else :class:`SingleProcess`.
+def get_communicator(environ=None, device: str | None = None) -> Communicator:
+    """The communicator of this process: :class:`SingleProcess` unless launched by
+    ``mpiexec -n N`` with N > 1; then :class:`MpiCommunicator`, or with a CUDA ``device``
+    (``"cuda"``) ``kernels.nccl.NcclCommunicator``, which binds rank r to GPU
+    ``r % device_count`` before anything is allocated there.
 
     Raises:
+        ValueError: several ranks and ``device`` names one GPU (``"cuda:1"``): each rank needs
+            its own; or NCCL is missing from CuPy.
         ImportError: launched with several ranks but mpi4py is missing (naming the extra).
     """
-    if launched_world_size(environ) <= 1:
+    world = launched_world_size(environ)
+    if world <= 1:
         return SingleProcess()
+    cuda = device is not None and str(device).split(":")[0] == "cuda"
+    if cuda and ":" in str(device):
+        raise ValueError(
+            f"device {device!r} names one GPU, but this job has {world} ranks and each needs "
+            "its own: use --device cuda (rank r then uses GPU r % device_count)"
+        )
     try:
-        return MpiCommunicator()
+        mpi = MpiCommunicator()
     except ImportError as err:
         raise ImportError(
             "this process was started by mpiexec with several ranks, but mpi4py is not "
             "installed: pip install 'mrcnn-edu[dist]' (mpi4py and the mpich wheel)"
         ) from err
+    if not cuda:
+        return mpi
+    from .kernels.nccl import NcclCommunicator
+
+    return NcclCommunicator(mpi)
+
+
+def rank_device(device: str | None, comm: Communicator) -> str | None:
+    """The device this rank trains on: ``device`` itself, except that under NCCL ``"cuda"``
+    (or None) is the GPU the communicator bound, ``"cuda:<r % device_count>"``."""
+    gpu = getattr(comm, "gpu", None)
+    if gpu is None or device not in (None, "cuda"):
+        return device
+    return f"cuda:{gpu}"
 
 
 @contextlib.contextmanager

@@ -103,9 +103,14 @@ class Trainer(TrainerState, TrainerParallel):
             Python call instead.
         comm: a :class:`~mrcnn_edu.distributed.Communicator` for data-parallel training (one
             Trainer per rank, see ``train_parallel.py``); None: a single process.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (``backend.check_device``): the model is
+            moved there (``model.to``) before training; None leaves it where it is (under
+            NCCL: the GPU the communicator bound). Not part of the run: checkpoints hold host
+            arrays, so a run resumes on another device.
 
     Attributes:
         step: optimizer steps taken so far (0 for a fresh run).
+        device: the checked device the model trains on (None: not moved by the trainer).
         optimizer: the :class:`SGD` over ``model.parameters()``.
         scheduler: the :class:`WarmupMultiStepLR` driving ``optimizer.lr``.
         data_rng, model_rng, augment_rng: the three generators, seeded from ``config.seed``
@@ -127,6 +132,7 @@ class Trainer(TrainerState, TrainerParallel):
         run_info: Mapping[str, str] | None = None,
         resume_command: str | None = None,
         comm: Communicator | None = None,
+        device: str | None = None,
     ):
         check_model_and_dataset(model, dataset)
         config = as_train_config(config)
@@ -148,7 +154,7 @@ class Trainer(TrainerState, TrainerParallel):
             raise ValueError(f"augment must be a callable (item, rng) -> item, got {augment!r}")
         self.augment = augment
 
-        self._setup_parallel(comm)
+        self._setup_parallel(comm, device)  # the model on its device, the same on all ranks
         self.optimizer = SGD(
             model.parameters(),
             lr=config.lr * self.lr_scale,

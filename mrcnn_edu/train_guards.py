@@ -21,7 +21,9 @@ import signal
 import threading
 from collections.abc import Mapping
 
-from .backend import get_xp
+import numpy as np
+
+from .backend import get_xp, is_device_array, to_host
 from .nn.module import Module
 from .train_log import LOG_COLUMNS_AFTER, LOG_COLUMNS_BEFORE
 
@@ -68,24 +70,43 @@ def check_model_and_dataset(model, dataset) -> None:
 
 def loss_dict(losses) -> dict[str, float]:
     """What ``model.forward`` returned, checked and converted: ``{name: float}``, non-empty,
-    with string names that are not columns of ``log.csv``."""
-    if not isinstance(losses, Mapping) or not losses:
-        raise ValueError(
-            f"model.forward must return a non-empty dict {{name: float}} of losses, got "
-            f"{type(losses).__name__}"
-        )
+    with string names that are not columns of ``log.csv``. Losses that are 0-d device arrays
+    come to the host together, in one transfer (one host sync per step)."""
+    _check_loss_names(losses)
+    if any(is_device_array(v) for v in losses.values()):
+        return dict(zip(losses, (float(v) for v in to_host(loss_vector(losses)))))
     out = {}
-    reserved = set(LOG_COLUMNS_BEFORE) | set(LOG_COLUMNS_AFTER)
     for name, value in losses.items():
-        if not isinstance(name, str) or name in reserved:
-            raise ValueError(
-                f"loss name {name!r} is not allowed: use strings other than {sorted(reserved)}"
-            )
         try:
             out[name] = float(value)
         except (TypeError, ValueError) as err:
             raise ValueError(f"loss {name!r} is not a number: {value!r}") from err
     return out
+
+
+def loss_vector(losses):
+    """The losses of ``model.forward`` as one float64 array, in their order: on the device when
+    any of them is a device array (for an all-reduce there and a single transfer), else NumPy."""
+    on_device = [v for v in losses.values() if is_device_array(v)]
+    if not on_device:
+        return np.array(list(loss_dict(losses).values()), dtype=np.float64)
+    _check_loss_names(losses)
+    xp = get_xp(*on_device)
+    return xp.stack([xp.asarray(v, dtype=xp.float64).reshape(()) for v in losses.values()])
+
+
+def _check_loss_names(losses) -> None:
+    if not isinstance(losses, Mapping) or not losses:
+        raise ValueError(
+            f"model.forward must return a non-empty dict {{name: float}} of losses, got "
+            f"{type(losses).__name__}"
+        )
+    reserved = set(LOG_COLUMNS_BEFORE) | set(LOG_COLUMNS_AFTER)
+    for name in losses:
+        if not isinstance(name, str) or name in reserved:
+            raise ValueError(
+                f"loss name {name!r} is not allowed: use strings other than {sorted(reserved)}"
+            )
 
 
 def finite_total(step: int, losses: dict[str, float]) -> float:
@@ -100,13 +121,22 @@ def finite_total(step: int, losses: dict[str, float]) -> float:
 
 
 def check_finite_gradients(step: int, model: Module) -> None:
-    """TrainingDiverged naming the first trainable Param whose gradient has a NaN/inf."""
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        finite = get_xp(p.grad).isfinite(p.grad)
-        if not bool(finite.all()):
-            raise TrainingDiverged(step, f"gradient of {name}", float(p.grad[~finite][0]))
+    """TrainingDiverged naming the first trainable Param whose gradient has a NaN/inf. On a
+    device, the check is one transfer of one flag per Param (not one host sync per Param)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return
+    grads = [p.grad for _, p in named]
+    xp = get_xp(*grads)
+    if xp is np:
+        bad = np.array([not np.isfinite(g).all() for g in grads])
+    else:
+        bad = to_host(xp.stack([~xp.isfinite(g).all() for g in grads]))
+    if not bad.any():
+        return
+    name, p = named[int(np.flatnonzero(bad)[0])]
+    grad = to_host(p.grad)
+    raise TrainingDiverged(step, f"gradient of {name}", float(grad[~np.isfinite(grad)][0]))
 
 
 class TrainingTerminated(KeyboardInterrupt):

@@ -2,18 +2,23 @@
 
 ``TrainerParallel`` is a base class of :class:`mrcnn_edu.train.Trainer`; with one rank
 (``SingleProcess``) every method here is a no-op or returns its input, so a single-process run
-is exactly what it was. With ``W`` ranks (``distributed.MpiCommunicator``):
+is exactly what it was. With ``W`` ranks (``distributed.MpiCommunicator``, or
+``kernels.nccl.NcclCommunicator`` on GPUs):
 
-- at start, rank 0's parameters are broadcast (every rank starts from the same model);
+- at start the model moves to the trainer's device (under NCCL: the GPU the rank bound), then
+  rank 0's parameters are broadcast (every rank starts from the same model);
 - the learning rate is ``config.lr * W`` (linear scaling rule: ``lr`` is the rate for
   ``batch_size`` images, and the effective batch is ``W * batch_size``);
 - after ``forward`` the losses are averaged over the ranks (the logged loss is that of the
   whole batch; a NaN on any rank makes the mean NaN on all, so the NaN guard stops every rank at
-  the same step); after ``backward`` the gradients are averaged (``GradientBuckets``);
+  the same step; on GPUs they are averaged there and come to the host in one transfer); after
+  ``backward`` the gradients are averaged (``GradientBuckets``, on the device under NCCL);
 - Ctrl-C and SIGTERM only set a flag; after each step the ranks ``agree`` and all stop together;
 - any other exception on one rank aborts the job (``Communicator.abort``) with its rank and
   message, instead of leaving the others waiting in their next collective;
-- only rank 0 writes logs, checkpoints and figures; a checkpoint holds every rank's generators.
+- only rank 0 writes logs, checkpoints and figures; a checkpoint holds every rank's generators;
+- a resume with another number of ranks re-shards the data from the next epoch and scales the
+  learning rate for the new number (``_resume_ranks`` says so).
 """
 
 from __future__ import annotations
@@ -24,16 +29,30 @@ import threading
 
 import numpy as np
 
-from .distributed import GradientBuckets, SingleProcess, broadcast_parameters
+from .backend import check_device, is_device_array, to_device, to_host
+from .distributed import (
+    GradientBuckets,
+    SingleProcess,
+    broadcast_parameters,
+    rank_device,
+    rank_seeds,
+)
 from .nn.utils import NonFiniteError
-from .train_guards import TrainingDiverged, TrainingTerminated, loss_dict
+from .train_guards import TrainingDiverged, TrainingTerminated, loss_dict, loss_vector
 
 
 class TrainerParallel:
     """Data-parallel methods of the Trainer (see the module docstring)."""
 
-    def _setup_parallel(self, comm) -> None:
+    def _setup_parallel(self, comm, device: str | None) -> None:
+        """The communicator and the device: the model moves to ``device`` (under NCCL: the
+        GPU the communicator bound), then rank 0's parameters are broadcast."""
         self.comm = comm if comm is not None else SingleProcess()
+        device = rank_device(device, self.comm)
+        _check_transport(self.comm, device)
+        self.device = None if device is None else check_device(device)
+        if self.device is not None:
+            self.model.to(self.device)
         self._buckets = GradientBuckets(self.model.parameters())
         self._signals: list[int] = []
         broadcast_parameters(self.model, self.comm)
@@ -44,12 +63,30 @@ class TrainerParallel:
         return self.comm.world_size
 
     def parallel_summary(self) -> str:
-        """``data parallel: 2 ranks x 4 images = 8 per step; lr 0.02 x 2 = 0.04 ...``."""
+        """The start banner: the device; with several ranks also the transport, the batch per
+        rank and the effective batch, and the learning rate scaled by the linear scaling rule
+        with its warm-up."""
         w, c = self.comm.world_size, self.config
+        device = self.device or "cpu"
+        if w == 1:
+            return f"device: {device}"
+        if self.comm.on_device:
+            device = f"cuda (rank r on GPU r % {self.comm.device_count}), gradients over NCCL"
+        else:
+            device += ", gradients over MPI"
+        lr = c.lr * w
+        warmup = (
+            f"warm-up over {c.warmup_iters} step{'s' if c.warmup_iters > 1 else ''} from "
+            f"{c.warmup_factor:g} x {lr:g} = {lr * c.warmup_factor:g}"
+            if c.warmup_iters
+            else "no warm-up"
+        )
         return (
-            f"data parallel: {w} ranks x {c.batch_size} images = effective batch "
-            f"{w * c.batch_size}; learning rate {c.lr:g} x {w} = {c.lr * w:g} (linear scaling "
-            f"rule: lr is the rate for batch_size images), warm-up {c.warmup_iters} steps"
+            f"device: {device}\n"
+            f"data parallel: {w} ranks x {c.batch_size} images per rank = effective batch "
+            f"{w * c.batch_size}\n"
+            f"learning rate: {c.lr:g} (the config's, for {c.batch_size} images) x {w} ranks = "
+            f"{lr:g} (linear scaling rule); {warmup}"
         )
 
     def _forward_losses(self, images, targets, step: int) -> dict[str, float]:
@@ -61,16 +98,22 @@ class TrainerParallel:
                 raise TrainingDiverged(step, "a feature map of the forward", np.nan) from err
         failed, losses = None, {}
         try:
-            losses = loss_dict(self.model.forward(images, targets))
+            losses = self.model.forward(images, targets)
         except NonFiniteError as err:
             failed = err
         if self.comm.agree(failed is not None):
             where = f"a feature map of the forward (rank {self.comm.rank}: {failed})"
             raise _agreed(TrainingDiverged(step, where if failed else "a feature map of the "
                                            "forward on another rank", np.nan))  # fmt: skip
-        values = np.array(list(losses.values()), dtype=np.float64)
+        # one vector of losses, averaged where the transport works (NCCL: on the GPU), then
+        # brought to the host in one transfer
+        values = loss_vector(losses)
+        if self.comm.on_device and not is_device_array(values):
+            values = to_device(values, self.device)
+        elif not self.comm.on_device:
+            values = to_host(values)
         self.comm.allreduce_mean_(values)
-        return dict(zip(losses, (float(v) for v in values)))
+        return dict(zip(losses, (float(v) for v in to_host(values))))
 
     def _average_gradients(self) -> None:
         self._buckets.allreduce_mean_(self.comm)
@@ -115,9 +158,9 @@ class TrainerParallel:
         mine = [self.model_rng.bit_generator.state, self.augment_rng.bit_generator.state]
         return self.comm.gather_object(mine)
 
-    def _restore_rank_rngs(self, ckpt) -> str | None:
-        """After a resume: this rank's generators, and the data order for a new world size.
-        Returns the note to print (None when the resume is exact)."""
+    def _resume_ranks(self, ckpt) -> str | None:
+        """After a resume: this rank's generators; for a new world size also the data order
+        and the learning rate. Returns the note to print (None when the resume is exact)."""
         w = self.comm.world_size
         if ckpt.world_size == w:
             if ckpt.rank_rngs is not None:
@@ -127,16 +170,50 @@ class TrainerParallel:
             return None
         # Another world size: the shards of the current epoch no longer line up. Parameters,
         # optimizer, schedule and step carry on; the data order is re-sharded from the next
-        # epoch, and ranks beyond the old ones start their generators fresh from the seed.
+        # epoch, and ranks beyond the old ones start their generators fresh from the seed. The
+        # effective batch changed, so the rate is scaled for the new number of ranks.
         self._position = self._order.size
+        self.scheduler = self._make_scheduler()
+        self.scheduler.iteration = ckpt.step
+        self.optimizer.lr = self.scheduler.lr_at(ckpt.step)
         if ckpt.rank_rngs is not None and self.comm.rank < ckpt.world_size:
             model_state, augment_state = ckpt.rank_rngs[self.comm.rank]
             self.model_rng.bit_generator.state = model_state
             self.augment_rng.bit_generator.state = augment_state
+        elif self.comm.rank >= ckpt.world_size:  # not rank 0's streams, restored above
+            _, model_seed, augment_seed = rank_seeds(self.config.seed, self.comm.rank)
+            self.model_rng.bit_generator.state = _fresh_state(model_seed)
+            self.augment_rng.bit_generator.state = _fresh_state(augment_seed)
+        c = self.config
         return (
             f"{ckpt.path} was written by {ckpt.world_size} rank(s), this run has {w}: the "
             "parameters, momentum, schedule and step continue, the rest of the current epoch "
-            "is skipped and the data is re-sharded from the next epoch (not an exact resume)"
+            "is skipped and the data is re-sharded from the next epoch (not an exact resume); "
+            f"the base learning rate is now {c.lr:g} x {w} = {c.lr * w:g} (linear scaling rule)"
+        )
+
+
+def _fresh_state(seed: np.random.SeedSequence) -> dict:
+    return np.random.default_rng(seed).bit_generator.state
+
+
+def _check_transport(comm, device: str | None) -> None:
+    """Several ranks: NCCL moves GPU arrays and MPI host arrays; refuse a mismatch now rather
+    than at the first all-reduce."""
+    if comm.world_size == 1:
+        return
+    cuda = device is not None and device.startswith("cuda")
+    gpu = getattr(comm, "gpu", None)
+    if comm.on_device and device != f"cuda:{gpu}":
+        raise ValueError(
+            f"{type(comm).__name__} all-reduces arrays on GPU {gpu} (rank {comm.rank}'s), "
+            f"but the model trains on {device or 'the host'}: train with device='cuda' "
+            "(--device cuda)"
+        )
+    if cuda and not comm.on_device:
+        raise ValueError(
+            f"a model on {device} needs its gradients all-reduced by NCCL, not "
+            f"{type(comm).__name__}: get_communicator(device='cuda') (the CLI does it)"
         )
 
 

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from . import weights
+from .backend import to_host
 from .train_checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -38,8 +39,9 @@ class TrainerState:
             "step": self.step,
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "model_class": type(self.model).__name__,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # host copies: a checkpoint holds NumPy arrays wherever the model trains
+            "model": to_host(self.model.state_dict()),
+            "optimizer": to_host(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "rng": {
                 "data": json.dumps(self.data_rng.bit_generator.state),
@@ -128,7 +130,7 @@ class TrainerState:
         if note and self.augment is not None:
             self._say(note)
         self._order, self._position, self._epoch = ckpt.order, ckpt.position, ckpt.epoch
-        note = self._restore_rank_rngs(ckpt)  # several ranks, or another number of them
+        note = self._resume_ranks(ckpt)  # several ranks, or another number of them
         if note:
             self._say(note)
         self.step = step

@@ -8,12 +8,21 @@ Scenarios:
     bad     rank 1 alone meets an unreadable image in its second batch
     resume  8 steps straight, and 5 steps + a resume to 8: rank r's final parameters
     nan     rank 1 alone gets a NaN loss at step 3: the step each rank stopped at
+    slow    a slow run of SIGNAL_STEPS steps in OUT_DIR/run, until the test sends mpiexec a
+            signal: the step each rank stopped at and what it raised
+    finish  that run resumed to the end, and the same run straight in OUT_DIR/full: rank r's
+            final parameters (``resumed/``, ``full/``)
+    reshard a run written by one process (OUT_DIR/one, at step 5) resumed on two ranks up to
+            step 9: each rank's epoch and data position before and after its first step
+    grads_fake  ``grads`` with a model that moves its inputs to its device, on the fake device
+    grads_cuda  the same on GPUs through NCCL (``--device cuda``)
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -21,11 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_train import FailingModel, ToyModel, ToySquares  # noqa: E402
 
+from mrcnn_edu.backend import is_device_array, to_host  # noqa: E402
 from mrcnn_edu.distributed import MpiCommunicator, rank_seeds, shard  # noqa: E402
 from mrcnn_edu.train import TrainConfig, Trainer, TrainingDiverged  # noqa: E402
 
 K_STEPS = 3
 BATCH = 3
+SIGNAL_STEPS = 60  # the slow run: 0.1 s a step, long enough for the test to signal it
 
 
 def float64_model(seed: int) -> ToyModel:
@@ -49,9 +60,16 @@ def toy_config(out_dir: str, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def grads(comm, out: str) -> None:
+def float64_regressor(seed: int):
+    from test_train_device import Regressor
+
+    return Regressor(seed=seed).astype(np.float64)
+
+
+def grads(comm, out: str, make_model=float64_model, device=None) -> None:
     # rank 1 starts from other weights: the broadcast from rank 0 must replace them
-    trainer = Trainer(float64_model(seed=comm.rank), float64_squares(), toy_config(out), comm=comm)
+    model = make_model(seed=comm.rank)
+    trainer = Trainer(model, float64_squares(), toy_config(out), comm=comm, device=device)
     saved = {}
     for step in range(K_STEPS):
         trainer.model.zero_grad()
@@ -59,12 +77,30 @@ def grads(comm, out: str) -> None:
         trainer._forward_losses(images, targets, step + 1)
         trainer.model.backward()
         trainer._average_gradients()
+        if device is not None:  # the buckets were averaged where the gradients are
+            assert all(is_device_array(b) for b in trainer._buckets._buffers), device
         if step == 0:
-            saved.update({f"grad/{k}": p.grad.copy() for k, p in trainer.model.named_parameters()})
+            grads = {k: p.grad for k, p in trainer.model.named_parameters()}
+            saved.update({f"grad/{k}": np.array(to_host(g)) for k, g in grads.items()})  # copies
         trainer.optimizer.step()
         trainer.scheduler.step()
-    saved.update({f"param/{k}": v for k, v in trainer.model.state_dict().items()})
+    saved.update({f"param/{k}": to_host(v) for k, v in trainer.model.state_dict().items()})
     np.savez(os.path.join(out, f"rank{comm.rank}.npz"), **saved)
+
+
+def grads_fake(comm, out: str) -> None:
+    """``grads`` with the model on the fake device of ``tests/fake_device.py``: the trainer's
+    device path (losses and gradient buckets on the device) between two real processes."""
+    from fake_device import fake_device
+
+    with fake_device():
+        grads(comm, out, float64_regressor, device="fake")
+
+
+def grads_cuda(comm, out: str) -> None:
+    from mrcnn_edu.kernels.nccl import NcclCommunicator
+
+    grads(NcclCommunicator(comm), out, float64_regressor, device="cuda")
 
 
 def train(comm, out: str) -> None:
@@ -120,8 +156,62 @@ def nan(comm, out: str) -> None:
         np.savez(os.path.join(out, f"rank{comm.rank}.npz"), step=err.step)
 
 
+class SlowModel(ToyModel):
+    """ToyModel at 0.1 s a step: the test has time to signal the job while it trains."""
+
+    def forward(self, images, targets):
+        time.sleep(0.1)
+        return super().forward(images, targets)
+
+
+def signal_config(out: str, name: str) -> TrainConfig:
+    return toy_config(os.path.join(out, name), max_steps=SIGNAL_STEPS, batch_size=2)
+
+
+def slow(comm, out: str) -> None:
+    trainer = Trainer(SlowModel(seed=0), ToySquares(7), signal_config(out, "run"), comm=comm)
+    try:
+        trainer.train()
+    except KeyboardInterrupt as err:  # TrainingTerminated (SIGTERM) is one too
+        np.savez(os.path.join(out, f"rank{comm.rank}.npz"), step=trainer.step,
+                 raised=type(err).__name__)  # fmt: skip
+
+
+def finish(comm, out: str) -> None:
+    resumed = Trainer(ToyModel(seed=0), ToySquares(7), signal_config(out, "run"), comm=comm)
+    resumed.train(resume=os.path.join(out, "run"))
+    full = Trainer(ToyModel(seed=0), ToySquares(7), signal_config(out, "full"), comm=comm)
+    full.train()
+    saved = {
+        **{f"resumed/{k}": v for k, v in resumed.model.state_dict().items()},
+        **{f"full/{k}": v for k, v in full.model.state_dict().items()},
+    }
+    np.savez(os.path.join(out, f"rank{comm.rank}.npz"), **saved)
+
+
+RESHARD_STEPS, RESHARD_UNTIL = 12, 9
+
+
+def reshard_config(out: str) -> TrainConfig:
+    return toy_config(os.path.join(out, "one"), max_steps=RESHARD_STEPS, batch_size=2)
+
+
+def reshard(comm, out: str) -> None:
+    trainer = Trainer(ToyModel(seed=0), ToySquares(7), reshard_config(out), comm=comm)
+    trainer.resume(os.path.join(out, "one"))
+    lr = (trainer.scheduler.base_lr, trainer.optimizer.lr)
+    before = (trainer._epoch, trainer._position)
+    trainer.train_step()
+    after = (trainer._epoch, trainer._position)
+    trainer.train(until=RESHARD_UNTIL)
+    np.savez(os.path.join(out, f"rank{comm.rank}.npz"), before=before, after=after,
+             step=trainer.step, lr=lr)  # fmt: skip
+
+
+SCENARIOS = {"grads": grads, "train": train, "bad": bad, "resume": resume, "nan": nan}
+SCENARIOS.update(slow=slow, finish=finish, reshard=reshard, grads_cuda=grads_cuda)
+SCENARIOS.update(grads_fake=grads_fake)
+
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], sys.argv[2]
-    {"grads": grads, "train": train, "bad": bad, "resume": resume, "nan": nan}[scenario](
-        MpiCommunicator(), out_dir
-    )
+    SCENARIOS[scenario](MpiCommunicator(), out_dir)

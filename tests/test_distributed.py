@@ -8,8 +8,10 @@ draws rank r's shard and rank r's model generator and keeps its own (local) grad
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ from mrcnn_edu.distributed import (
     SingleProcess,
     get_communicator,
     launched_world_size,
+    rank_device,
     rank_seeds,
     shard,
 )
@@ -32,6 +35,7 @@ BIN = os.path.dirname(sys.executable)
 MPIEXEC = shutil.which("mpiexec", path=BIN) or shutil.which("mpiexec")
 sys.path.insert(0, HERE)
 import mpi_worker as W  # noqa: E402
+from test_train import ToyModel, ToySquares  # noqa: E402
 
 
 def _mpi_missing() -> str | None:
@@ -62,14 +66,15 @@ class LocalRank(SingleProcess):
         self.rank, self.world_size = rank, world_size
 
 
-def reference(out_dir: str, steps: int) -> tuple[dict, dict]:
-    """(mean over the two ranks' local gradients at step 1, parameters after ``steps`` SGD
-    steps each taken with the mean gradient), in one process."""
+def reference(
+    out_dir: str, steps: int, make_model=W.float64_model, world: int = 2
+) -> tuple[dict, dict]:
+    """(mean over the ``world`` ranks' local gradients at step 1, parameters after ``steps``
+    SGD steps each taken with the mean gradient), in one process."""
+    cfg = W.toy_config(out_dir)
     ranks = [
-        Trainer(
-            W.float64_model(0), W.float64_squares(), W.toy_config(out_dir), comm=LocalRank(r, 2)
-        )
-        for r in (0, 1)
+        Trainer(make_model(0), W.float64_squares(), cfg, comm=LocalRank(r, world))
+        for r in range(world)
     ]
     first = {}
     for step in range(steps):
@@ -81,7 +86,7 @@ def reference(out_dir: str, steps: int) -> tuple[dict, dict]:
             t._forward_losses(images, targets, step + 1)
             t.model.backward()
             local.append({k: p.grad.copy() for k, p in t.model.named_parameters()})
-        mean = {k: (local[0][k] + local[1][k]) / 2 for k in local[0]}
+        mean = {k: sum(g[k] for g in local) / world for k in local[0]}
         if step == 0:
             first = mean
         for k, p in ranks[0].model.named_parameters():
@@ -130,6 +135,44 @@ def test_buckets_group_params_by_size_and_dtype():
     assert [[p.grad.size for p in b] for b in buckets] == [[10, 10], [30], [5]]
 
 
+def test_start_banner_gives_the_batches_and_the_scaled_learning_rate(tmp_path):
+    cfg = W.toy_config(str(tmp_path), lr=0.02, batch_size=2, max_steps=200, warmup_iters=100,
+                       warmup_factor=0.001)  # fmt: skip
+    assert Trainer(ToyModel(), ToySquares(), cfg).parallel_summary() == "device: cpu"
+    two = Trainer(ToyModel(), ToySquares(), cfg, comm=LocalRank(0, 2))
+    assert two.parallel_summary().splitlines() == [
+        "device: cpu, gradients over MPI",
+        "data parallel: 2 ranks x 2 images per rank = effective batch 4",
+        "learning rate: 0.02 (the config's, for 2 images) x 2 ranks = 0.04 (linear scaling "
+        "rule); warm-up over 100 steps from 0.001 x 0.04 = 4e-05",
+    ]
+    # what it says is what the optimizer does: 0.04 x 0.001 at the first step, 0.04 after warm-up
+    assert two.scheduler.lr_at(0) == pytest.approx(4e-05)
+    assert two.scheduler.lr_at(100) == pytest.approx(0.04)
+    two.config = dataclasses.replace(cfg, warmup_iters=0)
+    assert two.parallel_summary().endswith("= 0.04 (linear scaling rule); no warm-up")
+
+
+def test_one_gpu_cannot_serve_several_ranks():
+    with pytest.raises(ValueError, match=r"'cuda:1' names one GPU, but this job has 2 ranks.*"
+                       r"use --device cuda \(rank r then uses GPU r % device_count\)"):  # fmt: skip
+        get_communicator({"PMI_SIZE": "2"}, device="cuda:1")  # refused before MPI starts
+    assert isinstance(get_communicator({"PMI_SIZE": "1"}, device="cuda"), SingleProcess)
+    assert rank_device("cuda:1", SingleProcess()) == "cuda:1"
+
+
+class LocalGpuRank(LocalRank):
+    on_device = True  # as NcclCommunicator: the collectives take GPU arrays
+    gpu = 1
+
+
+def test_the_transport_must_fit_the_device(tmp_path):
+    assert rank_device("cuda", LocalGpuRank(1, 2)) == "cuda:1"  # the GPU the rank bound
+    with pytest.raises(ValueError, match="arrays on GPU 1 .rank 1's., but the model trains on cpu"):
+        Trainer(ToyModel(), ToySquares(), W.toy_config(str(tmp_path)), comm=LocalGpuRank(1, 2),
+                device="cpu")  # fmt: skip
+
+
 def test_nccl_module_imports_without_cupy():
     code = (
         "import sys, mrcnn_edu.kernels.nccl as n; "
@@ -152,6 +195,22 @@ def test_averaged_gradients_and_parameters_match_one_process(tmp_path):
     for k, p in params.items():
         assert np.array_equal(rank0[f"param/{k}"], rank1[f"param/{k}"]), f"{k}: ranks differ"
         np.testing.assert_allclose(rank0[f"param/{k}"], p, rtol=0, atol=1e-10, err_msg=k)
+
+
+@needs_mpi
+def test_averaged_gradients_on_a_device_match_one_process(tmp_path):
+    """The same with the model on the (fake) device: losses and gradient buckets live there."""
+    done = mpirun("grads_fake", tmp_path)
+    assert done.returncode == 0, done.stderr
+    first, params = reference(str(tmp_path / "ref"), W.K_STEPS, W.float64_regressor)
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1)]
+    for k, g in first.items():
+        assert np.abs(g).max() > 0
+        for got in ranks:
+            np.testing.assert_allclose(got[f"grad/{k}"], g, rtol=0, atol=1e-12, err_msg=k)
+    for k, p in params.items():
+        assert np.array_equal(ranks[0][f"param/{k}"], ranks[1][f"param/{k}"]), k
+        np.testing.assert_allclose(ranks[0][f"param/{k}"], p, rtol=0, atol=1e-10, err_msg=k)
 
 
 @needs_mpi
@@ -195,7 +254,7 @@ c.broadcast_(y, root=0)
 assert bool(cp.all(y == 0)), y
 assert c.agree(c.rank == c.world_size - 1) and not c.agree(False)
 c.barrier()
-print("ok", c.rank, c.device)
+print("ok", c.rank, c.gpu)
 """
 
 
@@ -228,11 +287,19 @@ def test_nccl_all_devices():
 def test_resume_with_the_same_world_size_is_exact(tmp_path):
     done = mpirun("resume", tmp_path)
     assert done.returncode == 0, done.stderr
+    assert_runs_equal(tmp_path, "full", "split")
+
+
+def assert_runs_equal(out, straight: str, resumed: str) -> None:
+    """On both ranks, the parameters of the ``straight`` run equal the ``resumed`` run's, bit
+    for bit (``OUT/rank<r>.npz`` holds both, as ``<name>/<param>``)."""
     for r in (0, 1):
-        got = dict(np.load(tmp_path / f"rank{r}.npz"))
-        for k in [k for k in got if k.startswith("full/")]:
-            split = got["split/" + k[len("full/") :]]
-            assert np.array_equal(got[k], split), f"rank {r}: {k} differs after resume"
+        got = dict(np.load(out / f"rank{r}.npz"))
+        names = [k[len(straight) + 1 :] for k in got if k.startswith(straight + "/")]
+        assert names, f"rank {r} saved no {straight}/ parameters"
+        for name in names:
+            a, b = got[f"{straight}/{name}"], got[f"{resumed}/{name}"]
+            assert np.array_equal(a, b), f"rank {r}: {name} differs after the resume"
 
 
 @needs_mpi
@@ -247,6 +314,19 @@ def test_nan_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
 
 
 @needs_mpi
+def test_cli_two_ranks_refuse_a_missing_gpu_before_writing(tmp_path):
+    out = tmp_path / "run"
+    cmd = [MPIEXEC, "-n", "2", os.path.join(BIN, "mrcnn-edu"), "train", "--out", str(out),
+           "--device", "cuda:99"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    # every rank refuses (exit 2, no hang); mpiexec may interleave the ranks' stderr mid-line,
+    # so only one intact copy of the message is certain
+    assert "mrcnn-edu train: error: --device cuda:99: " in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
+@needs_mpi
 def test_cli_two_ranks_real_small_model(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -254,9 +334,117 @@ def test_cli_two_ranks_real_small_model(tmp_path):
            "3", "--out", str(out), "--no-progress"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    assert "data parallel: 2 ranks x 2 images = effective batch 4" in done.stdout
+    banner = [line for line in done.stdout.splitlines() if line.startswith(
+        ("device:", "data parallel:", "learning rate:"))]  # fmt: skip
+    assert banner == [
+        "device: cpu, gradients over MPI",
+        "data parallel: 2 ranks x 2 images per rank = effective batch 4",
+        "learning rate: 0.01 (the config's, for 2 images) x 2 ranks = 0.02 (linear scaling "
+        "rule); warm-up over 3 steps from 0.001 x 0.02 = 2e-05",
+    ]
     assert done.stdout.count("training 3 steps") == 1  # rank 1 prints nothing
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert all(np.isfinite(float(r["total"])) for r in rows)
+
+
+# -- stopping the whole job, resuming with another world size -----------------------------------
+def _wait_for_rows(log_path, n: int, proc, timeout: float = 60) -> None:
+    """Until ``log.csv`` has ``n`` steps (the run is training on both ranks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                if sum(1 for _ in f) > n:  # the header and n rows
+                    return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the job did not reach step {n} in {timeout} s")
+
+
+@needs_mpi
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_to_the_job_stops_all_ranks_at_one_step_and_resumes_exactly(tmp_path, signum):
+    """Ctrl-C in the terminal, or a scheduler's SIGTERM, goes to mpiexec, which passes it to
+    every rank; the ranks agree after their step, stop at the same one, and rank 0 writes one
+    checkpoint; resuming it ends bit for bit where an uninterrupted 2-rank run ends."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [MPIEXEC, "-n", "2", sys.executable, os.path.join(HERE, "mpi_worker.py"), "slow"]
+    proc = subprocess.Popen(cmd + [str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    _wait_for_rows(tmp_path / "run" / "log.csv", 3, proc)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    stopped = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+    step = int(stopped[0]["step"])
+    assert 3 <= step < W.SIGNAL_STEPS and int(stopped[1]["step"]) == step
+    raised = "KeyboardInterrupt" if signum == signal.SIGINT else "TrainingTerminated"
+    assert [str(s["raised"]) for s in stopped] == [raised, raised]
+    files = sorted(os.listdir(tmp_path / "run"))
+    assert [f for f in files if f.endswith(".npz")] == ["last.npz"]  # one checkpoint
+    from mrcnn_edu import weights
+
+    assert int(weights.load(str(tmp_path / "run" / "last.npz"), nested=True)["step"]) == step
+    with open(tmp_path / "run" / "log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, step + 1))
+    said = [line for line in stdout.splitlines() if "saved in" in line]
+    assert len(said) == 1 and f"the state after step {step} is saved in" in said[0]  # rank 0
+    done = mpirun("finish", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_runs_equal(tmp_path, "full", "resumed")
+
+
+@needs_mpi
+def test_resuming_with_another_world_size_reshards_from_the_next_epoch(tmp_path, capsys):
+    cfg = W.reshard_config(str(tmp_path))
+    Trainer(ToyModel(seed=0), ToySquares(7), cfg).train(until=5)  # one process, mid-epoch
+    done = mpirun("reshard", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("re-sharded") == 1  # said once, by rank 0
+    assert (
+        "was written by 1 rank(s), this run has 2: the parameters, momentum, schedule and step "
+        "continue, the rest of the current epoch is skipped and the data is re-sharded from "
+        "the next epoch (not an exact resume); the base learning rate is now 0.05 x 2 = 0.1 "
+        "(linear scaling rule)"
+    ) in done.stdout
+    for r in (0, 1):
+        got = np.load(tmp_path / f"rank{r}.npz")
+        epoch, position = got["before"]
+        # the first step after the resume starts the next epoch, at the start of rank r's shard
+        assert tuple(got["after"]) == (epoch + 1, 2) and int(got["step"]) == W.RESHARD_UNTIL
+        assert tuple(got["lr"]) == (0.1, 0.1)  # base rate and step 6's: 2 x 0.05, warmed up
+    # and back to one process: the same note, and the run trains on to its end
+    trainer = Trainer(ToyModel(seed=0), ToySquares(7), cfg)
+    result = trainer.train(resume=cfg.out_dir)
+    assert "written by 2 rank(s), this run has 1" in capsys.readouterr().out
+    assert trainer.scheduler.base_lr == cfg.lr == 0.05
+    assert result["step"] == W.RESHARD_STEPS and np.isfinite(list(result["losses"].values())).all()
+    with open(os.path.join(cfg.out_dir, "log.csv")) as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, W.RESHARD_STEPS + 1))
+
+
+@pytest.mark.gpu
+def test_nccl_training_step_matches_the_cpu_reference(tmp_path):
+    """One process per GPU (all of them; one GPU: world size 1 through real NCCL): the
+    gradients NCCL averaged equal the mean of the per-shard gradients computed on the CPU."""
+    cp = pytest.importorskip("cupy")
+    if _mpi_missing():
+        pytest.skip(_mpi_missing())
+    n = cp.cuda.runtime.getDeviceCount()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, os.path.join(HERE, "mpi_worker.py"),
+           "grads_cuda", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    first, params = reference(str(tmp_path / "ref"), W.K_STEPS, W.float64_regressor, world=n)
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(n)]
+    for k, g in first.items():
+        for got in ranks:
+            np.testing.assert_allclose(got[f"grad/{k}"], g, rtol=0, atol=1e-10, err_msg=k)
+    for k, p in params.items():
+        for got in ranks:
+            assert np.array_equal(got[f"param/{k}"], ranks[0][f"param/{k}"]), k
+            np.testing.assert_allclose(got[f"param/{k}"], p, rtol=0, atol=1e-8, err_msg=k)
