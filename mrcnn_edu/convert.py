@@ -14,6 +14,11 @@ are already ours; the differences (docs/weights.md has the full table):
 - ``*.num_batches_tracked`` (a BatchNorm counter, meaningless for FrozenBN) is dropped.
 - The mask predictor's first output channel, torchvision's unused background mask, is dropped:
   our mask head has K channels (class k in channel k-1), torchvision's K+1.
+- ``keypointrcnn_resnet50_fpn`` files (no mask head; a keypoint head) convert too: its
+  ``keypoint_head`` is an ``nn.Sequential`` of conv, ReLU, conv, ... whose convs
+  ``keypoint_head.0``, ``.2`` ... ``.14`` are our ``keypoint_head.conv_fcn1`` ... ``conv_fcn8``;
+  ``keypoint_predictor.kps_score_lowres`` has the same name on both sides. Such a file gets
+  ``MaskRCNNConfig.keypointrcnn_resnet50_fpn(K)`` by default.
 
 Every other key must have a counterpart of the same shape; unknown keys, missing keys and shape
 mismatches are all listed in one ValueError, never skipped.
@@ -35,6 +40,7 @@ MASK_LOGITS = (
     "roi_heads.mask_predictor.mask_fcn_logits.bias",
 )
 CLASS_LOGITS = "roi_heads.box_predictor.cls_score.weight"
+KEYPOINT_LOGITS = "roi_heads.keypoint_predictor.kps_score_lowres.weight"  # (C, K, 4, 4)
 _SHOWN = 25  # names listed per kind of problem in an error message
 
 # torchvision >= 0.13 name -> ours; a name no rule matches is the same on both sides.
@@ -44,6 +50,10 @@ _RENAMES = (
     (
         re.compile(r"^roi_heads\.mask_head\.(\d+)\.0\.(weight|bias)$"),
         lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.{m[2]}",
+    ),
+    (  # nn.Sequential(conv, ReLU, conv, ReLU ...): the convs are its even entries
+        re.compile(r"^roi_heads\.keypoint_head\.(\d*[02468])\.(weight|bias)$"),
+        lambda m: f"roi_heads.keypoint_head.conv_fcn{int(m[1]) // 2 + 1}.{m[2]}",
     ),
 )
 
@@ -64,7 +74,8 @@ def from_torchvision(source, config=None) -> dict[str, np.ndarray]:
             dict under ``"model"`` or ``"state_dict"`` is accepted), or such a dict in memory
             with NumPy arrays or torch tensors as values.
         config: the ``MaskRCNNConfig`` the weights are for; default
-            ``MaskRCNNConfig.resnet50_fpn(K)`` with K = (rows of ``cls_score``) - 1.
+            ``MaskRCNNConfig.resnet50_fpn(K)`` with K = (rows of ``cls_score``) - 1, or
+            ``keypointrcnn_resnet50_fpn(num_keypoints, K)`` for a keypoint model's file.
 
     Returns:
         ``{name: float32 array}`` in our model's parameter order.
@@ -73,7 +84,7 @@ def from_torchvision(source, config=None) -> dict[str, np.ndarray]:
         ValueError: unknown or missing keys, shape mismatches, non-float parameters, or a file
             that cannot be read safely (all listed in the message).
     """
-    from .mask_rcnn import MaskRCNN, MaskRCNNConfig
+    from .mask_rcnn import MaskRCNN
 
     if isinstance(source, (str, os.PathLike)):
         name = repr(os.fspath(source))
@@ -83,7 +94,7 @@ def from_torchvision(source, config=None) -> dict[str, np.ndarray]:
         state = unwrap_state_dict(_numpy_tree(source), name)
     converted, problems = _rename(state)
     if config is None:
-        config = MaskRCNNConfig.resnet50_fpn(num_classes=_num_classes(state))
+        config = default_config(state)
     expected = {k: v.shape for k, v in MaskRCNN(config, rng=0).state_dict().items()}
     problems += _compare(converted, expected)
     if problems:
@@ -133,6 +144,18 @@ def _compare(converted: dict, expected: dict) -> list[str]:
             more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
             problems.append(f"{len(names)} {what}: {names[:_SHOWN]}{more}")
     return problems
+
+
+def default_config(state: dict):
+    """The preset a torchvision state dict fits: ``keypointrcnn_resnet50_fpn`` when it has a
+    keypoint predictor (K keypoints from its shape), else ``resnet50_fpn``; the number of
+    classes from ``cls_score``."""
+    from .mask_rcnn import MaskRCNNConfig
+
+    keypoints = state.get(KEYPOINT_LOGITS)
+    if isinstance(keypoints, np.ndarray) and keypoints.ndim == 4:
+        return MaskRCNNConfig.keypointrcnn_resnet50_fpn(keypoints.shape[1], _num_classes(state))
+    return MaskRCNNConfig.resnet50_fpn(num_classes=_num_classes(state))
 
 
 def _num_classes(state: dict) -> int:

@@ -4,11 +4,14 @@
           box deltas (N, A*4, H_l, W_l)                      (the same weights on every level)
     box:  (R, C, 7, 7) -> fc6, ReLU -> fc7, ReLU -> cls_score (R, K+1), bbox_pred (R, 4(K+1))
     mask: (R, C, 14, 14) -> 4 x (conv3x3, ReLU) -> deconv 2x2/2, ReLU -> conv1x1 -> (R, K, 28, 28)
+    keypoint: (R, C, 14, 14) -> 8 x (conv3x3 512, ReLU) -> deconv 4x4/2 -> bilinear 2x
+          -> (R, K, 56, 56) heatmap logits, one per keypoint (only with ``num_keypoints > 0``)
 
 The stages that own them -- anchors, sampling, targets, losses and the order in which it all
 runs -- are ``rpn.py`` and ``roi_heads.py``. Parameter names follow torchvision's
 (``rpn.head.conv``, ``box_head.fc6``, ``box_predictor.cls_score``, ``mask_head.mask_fcn1``,
-``mask_predictor.conv5_mask`` ...).
+``mask_predictor.conv5_mask``, ``keypoint_head.conv_fcn1``,
+``keypoint_predictor.kps_score_lowres`` ...).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .nn import layers as L
 from .nn.layers import Conv2d
 from .nn.module import Module
 from .nn.utils import add_param_grads, as_generator
+from .resample import upsample_bilinear_backward, upsample_bilinear_forward
 
 
 class _HeadLevelCache(NamedTuple):
@@ -160,21 +164,24 @@ class FastRCNNPredictor(Module):
         return self.cls_score.backward(grad_logits) + self.bbox_pred.backward(grad_deltas)
 
 
-class MaskHead(Module):
-    """``num_convs`` conv3x3 + ReLU layers (the paper's "4 x conv", 256 channels)."""
+class _ConvReLUStack(Module):
+    """``len(widths)`` conv3x3 + ReLU layers, named ``{prefix}1``, ``{prefix}2`` ... (He-normal
+    initialisation with fan-out and zero bias, as torchvision's mask and keypoint heads)."""
 
-    def __init__(self, in_channels: int, channels: int = 256, num_convs: int = 4, rng=None):
+    prefix = "conv"
+
+    def __init__(self, in_channels: int, widths: Sequence[int], rng=None):
         rng = as_generator(rng)
-        for i in range(num_convs):
-            conv = L.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, rng=rng)
+        for i, width in enumerate(widths):
+            conv = L.Conv2d(in_channels if i == 0 else widths[i - 1], width, 3, padding=1, rng=rng)
             _kaiming_normal_fan_out(conv, rng)
-            setattr(self, f"mask_fcn{i + 1}", conv)
+            setattr(self, f"{self.prefix}{i + 1}", conv)
             setattr(self, f"relu{i + 1}", L.ReLU())
-        self.num_convs = num_convs
+        self.num_convs = len(widths)
 
     def forward(self, x):
         for i in range(1, self.num_convs + 1):
-            conv = getattr(self, f"mask_fcn{i}")
+            conv = getattr(self, f"{self.prefix}{i}")
             if self.training:
                 x = getattr(self, f"relu{i}")(conv(x))
             else:  # eval mode: the ReLU in place on the conv output, no caches
@@ -184,8 +191,18 @@ class MaskHead(Module):
     def backward(self, grad_out):
         g = grad_out
         for i in range(self.num_convs, 0, -1):
-            g = getattr(self, f"mask_fcn{i}").backward(getattr(self, f"relu{i}").backward(g))
+            conv = getattr(self, f"{self.prefix}{i}")
+            g = conv.backward(getattr(self, f"relu{i}").backward(g))
         return g
+
+
+class MaskHead(_ConvReLUStack):
+    """``num_convs`` conv3x3 + ReLU layers (the paper's "4 x conv", 256 channels)."""
+
+    prefix = "mask_fcn"
+
+    def __init__(self, in_channels: int, channels: int = 256, num_convs: int = 4, rng=None):
+        super().__init__(in_channels, (channels,) * num_convs, rng)
 
 
 class MaskRCNNPredictor(Module):
@@ -206,6 +223,45 @@ class MaskRCNNPredictor(Module):
 
     def backward(self, grad_out):
         return self.conv5_mask.backward(self.relu.backward(self.mask_fcn_logits.backward(grad_out)))
+
+
+class KeypointRCNNHeads(_ConvReLUStack):
+    """The keypoint head's trunk: one conv3x3 + ReLU per entry of ``layers`` (torchvision's
+    ``keypoint_head``: eight of 512 channels on 14x14 RoI features), named ``conv_fcn1`` ...
+    A small CPU preset passes fewer, narrower layers."""
+
+    prefix = "conv_fcn"
+
+    def __init__(self, in_channels: int, layers: Sequence[int] = (512,) * 8, rng=None):
+        super().__init__(in_channels, tuple(layers), rng)
+
+
+class KeypointRCNNPredictor(Module):
+    """K heatmaps of logits per RoI: a 4x4 stride-2 deconvolution with padding 1 (14x14 ->
+    28x28, torchvision's ``kps_score_lowres``), then a 2x bilinear upsampling (-> 56x56,
+    ``align_corners=False``, ``resample.upsample_bilinear_forward``). No ReLU at the end: the
+    maps are logits of a softmax over the 56x56 locations (``keypoints.keypointrcnn_loss``)."""
+
+    def __init__(self, in_channels: int, num_keypoints: int, rng=None):
+        rng = as_generator(rng)
+        self.kps_score_lowres = L.ConvTranspose2d(
+            in_channels, num_keypoints, 4, stride=2, padding=1, rng=rng
+        )
+        _kaiming_normal_fan_out(self.kps_score_lowres, rng)
+        self.up_scale = 2
+        self.cache = None  # the upsampling's interpolation matrices
+
+    def forward(self, x):
+        if not self.training:  # eval mode: no caches
+            self.cache = None
+            low = self.kps_score_lowres.infer(x)
+            return upsample_bilinear_forward(low, self.up_scale)[0]
+        y, self.cache = upsample_bilinear_forward(self.kps_score_lowres(x), self.up_scale)
+        return y
+
+    def backward(self, grad_out):
+        g = upsample_bilinear_backward(grad_out, self.forward_cache())
+        return self.kps_score_lowres.backward(g)
 
 
 def _kaiming_normal_fan_out(conv, rng, fan_out: int | None = None) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backbone import LEVEL_STRIDES, BackboneConfig, ResNetConfig, ResNetFPN
-from .backend import to_host
+from .backend import deferred_checks, device_of, to_host
 from .config_checks import ConfigError, Rule, check_fields, from_mapping, positive_numbers
 from .nn.module import Module
 from .nn.utils import add_named_grads, as_generator
@@ -44,6 +44,7 @@ _MODEL_RULES = {
     "image_mean": Rule(lambda v: len(v) == 3, "must hold 3 numbers (R, G, B)"),
     "image_std": positive_numbers(3),
     "size_divisible": Rule(lambda v: v >= 32 and v % 32 == 0, "must be a multiple of 32 (P5)"),
+    "num_keypoints": Rule(lambda k: k >= 0, "must be >= 0 (keypoints per object; 0: none)"),
 }
 
 
@@ -64,6 +65,9 @@ class MaskRCNNConfig:
     # several), longer side at most max_size; both None (the default) keeps the native size.
     min_size: int | tuple[int, ...] | None = None
     max_size: int | None = None
+    # K > 0 adds the keypoint branch (human pose, keypoints.py): targets then carry
+    # "keypoints" (G, K, 3) and predictions "keypoints" (D, K, 3) and "keypoints_scores" (D, K)
+    num_keypoints: int = 0
 
     def __post_init__(self):
         check_fields(self, _MODEL_RULES)
@@ -140,6 +144,30 @@ class MaskRCNNConfig:
             max_size=1333,
         )
 
+    @classmethod
+    def small_pose(cls, num_keypoints: int, num_classes: int = 1) -> MaskRCNNConfig:
+        """The CPU preset for human pose (``demo --pose``): ``small(num_classes)`` plus a
+        keypoint branch of ``num_keypoints`` heatmaps behind 4 conv3x3 of 64 channels
+        (torchvision's has 8 of 512) on 14x14 RoIs, 56x56 heatmaps; the mask branch stays."""
+        base = cls.small(num_classes)
+        heads = dataclasses.replace(base.roi_heads, keypoint_channels=64, keypoint_num_convs=4)
+        return dataclasses.replace(base, roi_heads=heads, num_keypoints=num_keypoints)
+
+    @classmethod
+    def keypointrcnn_resnet50_fpn(cls, num_keypoints: int = 17, num_classes: int = 1):
+        """torchvision's ``keypointrcnn_resnet50_fpn``: ``resnet50_fpn`` without the mask
+        branch, with a keypoint branch of 8 conv3x3 of 512 channels on 14x14 RoIs (sampling
+        ratio 2), 56x56 heatmaps, and training sizes 640..800 (inference 800, at most 1333).
+        ``num_classes=1`` is torchvision's ``num_classes=2`` (person and background); 17 are
+        COCO's person keypoints. Its weights convert with ``convert.from_torchvision``."""
+        base = cls.resnet50_fpn(num_classes)
+        return dataclasses.replace(
+            base,
+            roi_heads=dataclasses.replace(base.roi_heads, mask_branch=False),
+            min_size=(640, 672, 704, 736, 768, 800),
+            num_keypoints=num_keypoints,
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -155,7 +183,9 @@ class MaskRCNN(Module):
 
     images: list of (3, H, W) float arrays with values in [0, 1] (sizes may differ).
     targets: list of dicts with ``"boxes"`` (G, 4) float x1y1x2y2 pixels, ``"labels"`` (G,) int
-    in 1..K, ``"masks"`` (G, H, W) uint8/bool. An image may have G = 0.
+    in 1..K, ``"masks"`` (G, H, W) uint8/bool, and with ``config.num_keypoints`` = K > 0
+    ``"keypoints"`` (G, K, 3) rows (x, y, v), COCO's visibility v in {0, 1, 2} (keypoints.py).
+    An image may have G = 0.
 
     ``rng`` (a ``numpy.random.Generator``) drives the anchor and RoI sampling; the trainer sets
     it (``model.rng = generator``) and saves its state in checkpoints.
@@ -176,6 +206,7 @@ class MaskRCNN(Module):
             roi_levels,
             [strides[name] for name in roi_levels],
             rng,
+            num_keypoints=cfg.num_keypoints,
         )
         self._rng = rng
 
@@ -194,37 +225,49 @@ class MaskRCNN(Module):
 
     def forward(self, images, targets, proposals=None) -> dict:
         """Losses for a batch: ``{loss_objectness, loss_rpn_box_reg, loss_classifier,
-        loss_box_reg, loss_mask}`` as floats. ``proposals`` (list of (R_i, 4)) replaces the
-        RPN's proposals when given (the whole-model gradcheck holds them fixed)."""
-        # normalise, resize, pad; the targets checked and resized with their images
-        batch, image_sizes, _, targets = self._inputs(images, targets, need_targets=True)
-        features = self.backbone(batch)  # {"p2": P2, ..., "p6": P6}
-        rpn_proposals, rpn_losses = self.rpn(features, image_sizes, targets, batch.shape[-2:])
-        if proposals is None:
-            proposals = rpn_proposals
-        _, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
-        return {**rpn_losses, **roi_losses}
+        loss_box_reg, loss_mask}`` as floats (and ``loss_keypoint`` with the keypoint branch;
+        no ``loss_mask`` without the mask branch). ``proposals`` (list of (R_i, 4)) replaces the
+        RPN's proposals when given (the whole-model gradcheck holds them fixed).
+
+        Host (NumPy) images and targets are moved to the model's device. There the five loss
+        scalars and the value checks of the step (``backend.raise_if``) reach the host in one
+        transfer, the step's only explicit sync (docs/gpu_kernels.md)."""
+        with deferred_checks() as checks:
+            # normalise, resize, pad; the targets checked and resized with their images
+            batch, image_sizes, _, targets = self._inputs(images, targets, need_targets=True)
+            features = self.backbone(batch)  # {"p2": P2, ..., "p6": P6}
+            rpn_proposals, rpn_losses = self.rpn(features, image_sizes, targets, batch.shape[-2:])
+            if proposals is None:
+                proposals = rpn_proposals
+            _, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
+            return checks.fetch({**rpn_losses, **roi_losses})
 
     def backward(self) -> None:
         """Gradients of the sum of the five losses of the last forward, into every ``.grad``.
 
         Nothing is returned: the inputs are images, and training a detector never needs their
-        gradient (``backbone.backward(..., need_input_grad=True)`` computes it on request)."""
-        feature_grads = self.roi_heads.backward()  # 1. mask and box branches -> P2..P5
-        add_named_grads(feature_grads, self.rpn.backward())  # 2. RPN head -> P2..P6
-        self.backbone.backward(feature_grads)  # 3. FPN -> ResNet
+        gradient (``backbone.backward(..., need_input_grad=True)`` computes it on request).
+        On a device the value checks of the backward ops are read in one transfer at the end."""
+        with deferred_checks():
+            feature_grads = self.roi_heads.backward()  # 1. mask and box branches -> P2..P5
+            add_named_grads(feature_grads, self.rpn.backward())  # 2. RPN head -> P2..P6
+            self.backbone.backward(feature_grads)  # 3. FPN -> ResNet
 
     def predict(self, images, mask_threshold: float | None = 0.5) -> list[dict]:
         """Detections for each image: ``{"boxes" (D, 4), "labels" (D,) in 1..K, "scores" (D,),
-        "masks" (D, H, W) uint8}``, best first, at most ``detections_per_img``
+        "masks" (D, H, W) uint8}`` (no masks without the mask branch; with keypoints,
+        ``"keypoints"`` (D, K, 3) rows (x, y, 1) and ``"keypoints_scores"`` (D, K)), best
+        first, at most ``detections_per_img``
         (``mask_threshold=None`` keeps the pasted mask probabilities instead)."""
         was_training = self.training
         self.eval()
         try:
-            batch, image_sizes, original_sizes, _ = self._inputs(images)
-            features = self.backbone(batch)
-            proposals, _ = self.rpn(features, image_sizes, None, batch.shape[-2:])
-            detections, _ = self.roi_heads(features, proposals, image_sizes)
+            with deferred_checks() as checks:  # on a device: the value checks read at once
+                batch, image_sizes, original_sizes, _ = self._inputs(images)
+                features = self.backbone(batch)
+                proposals, _ = self.rpn(features, image_sizes, None, batch.shape[-2:])
+                detections, _ = self.roi_heads(features, proposals, image_sizes)
+                checks.fetch({})
             # boxes back to each image as given, masks pasted at its resolution
             detections = to_original_size(
                 detections,
@@ -264,8 +307,20 @@ class MaskRCNN(Module):
         """``transform.prepare_inputs`` for this model: its config, dtype, mode and generator
         (scale jitter draws one ``min_size`` per image in training)."""
         return prepare_inputs(
-            images, self.config, self._dtype(), targets, need_targets, self.training, self.rng
+            images,
+            self.config,
+            self._dtype(),
+            targets,
+            need_targets,
+            self.training,
+            self.rng,
+            device=self.device,
         )
+
+    @property
+    def device(self) -> str:
+        """Where the parameters live: ``"cpu"``, ``"cuda:N"``... (``to(device)`` moves them)."""
+        return device_of(self.backbone.body.conv1.weight.data)
 
     def _dtype(self):
         """The parameters' dtype (float32, or float64 after ``astype`` for gradchecks)."""
@@ -273,4 +328,7 @@ class MaskRCNN(Module):
 
     def _check_targets(self, targets, image_sizes):
         """The targets checked against images of ``image_sizes`` (``transform.check_targets``)."""
-        return check_targets(targets, image_sizes, self.config.num_classes, self._dtype())
+        cfg = self.config
+        return check_targets(
+            targets, image_sizes, cfg.num_classes, self._dtype(), cfg.num_keypoints
+        )

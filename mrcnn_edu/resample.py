@@ -83,6 +83,27 @@ def resize_image(image, size: tuple[int, int]):
     return out
 
 
+def upsample_bilinear_forward(x, factor: int = 2):
+    """(N, C, h, w) -> (N, C, factor * h, factor * w), bilinear with ``align_corners=False``:
+    torch's ``interpolate(x, scale_factor=factor, mode="bilinear")``, the last stage of the
+    keypoint predictor. Each plane is ``Y = Wy X Wxᵀ`` with the matrices of
+    :func:`interpolation_matrix` (two non-zeros per row: source ``(i + 0.5) / factor - 0.5``,
+    clamped at 0). Returns ``(y, cache)``; the cache is ``(Wy, Wx)``."""
+    xp = get_xp(x)
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    wy = xp.asarray(interpolation_matrix(h, factor * h, x.dtype))
+    wx = xp.asarray(interpolation_matrix(w, factor * w, x.dtype))
+    return xp.matmul(xp.matmul(wy, x), wx.T), (wy, wx)
+
+
+def upsample_bilinear_backward(dy, cache):
+    """The adjoint of :func:`upsample_bilinear_forward` (it is linear): ``dX = Wyᵀ dY Wx``,
+    each input pixel collecting its share of every output pixel that read it."""
+    wy, wx = cache
+    xp = get_xp(dy)
+    return xp.matmul(xp.matmul(wy.T, dy), wx)
+
+
 def _fma(a, b, c):
     """``a * b + c`` elementwise with one rounding, as a fused multiply-add. For float32 the
     product is exact in float64, the sum is rounded there "to odd" (the last bit of an

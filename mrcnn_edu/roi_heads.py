@@ -12,6 +12,12 @@ Inference: the same box branch on the proposals, then post-processing (per-class
 threshold, per-class NMS, the best 100), then the mask branch on the *final* boxes, keeping only
 the predicted class's mask (the paper's inference order, Sec. 3.1 "Inference").
 
+With ``num_keypoints = K > 0`` a keypoint branch runs beside the mask branch (paper Sec. 5,
+torchvision's ``keypointrcnn``): positive RoIs ─ RoIAlign 14x14 ─ keypoint head ─ K heatmaps at
+56x56 + loss_keypoint (softmax over the 56² locations, ``keypoints.py``); at inference it runs
+on the final boxes and adds ``keypoints`` (D, K, 3) and ``keypoints_scores`` (D, K).
+``mask_branch=False`` drops the mask branch (torchvision's keypoint model has none).
+
 ``RoIHeads`` owns all of it: the two poolers, the heads, the matcher and sampler, the losses.
 ``forward`` computes the loss gradients right away (``self.cache``); ``backward()`` sends them
 through the heads and poolers and returns ``{level name: gradient}`` for the backbone.
@@ -25,10 +31,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_xp
+from .backend import get_xp, raise_if
 from .boxes import BoxCoder, box_iou
 from .config_checks import at_least, between, check_fields, one_of, positive_numbers
-from .heads import FastRCNNPredictor, MaskHead, MaskRCNNPredictor, TwoMLPHead
+from .heads import (
+    FastRCNNPredictor,
+    KeypointRCNNHeads,
+    KeypointRCNNPredictor,
+    MaskHead,
+    MaskRCNNPredictor,
+    TwoMLPHead,
+)
+from .keypoints import heatmaps_to_keypoints, keypointrcnn_loss
 from .matching import BalancedPositiveNegativeSampler, Matcher
 from .nn.losses import binary_cross_entropy_with_logits, sigmoid, smooth_l1, softmax_cross_entropy
 from .nn.module import Module
@@ -53,6 +67,9 @@ _ROI_HEADS_RULES = {
     "nms_thresh": between(0, 1),
     "detections_per_img": at_least(1),
     "mask_paste": one_of(*MASK_PASTE_MODES),
+    "keypoint_pool_size": at_least(1),
+    "keypoint_channels": at_least(1),
+    "keypoint_num_convs": at_least(1),
 }
 
 
@@ -80,6 +97,14 @@ class RoIHeadsConfig:
     # how predict() pastes each 28x28 mask into the image (postprocess.paste_masks_in_image):
     # "subpixel" (ours, Detectron2's) or "torchvision" (box rounded to whole pixels)
     mask_paste: str = "subpixel"
+    # False: no mask branch (no loss_mask, no masks predicted), as torchvision's keypoint model
+    mask_branch: bool = True
+    # the keypoint branch, built when the model's num_keypoints > 0: RoIAlign at
+    # keypoint_pool_size, keypoint_num_convs conv3x3 of keypoint_channels, heatmaps at 4x the
+    # pool size (torchvision: 14, 8 x 512, 56x56)
+    keypoint_pool_size: int = 14
+    keypoint_channels: int = 512
+    keypoint_num_convs: int = 8
 
     def __post_init__(self):
         check_fields(self, _ROI_HEADS_RULES)
@@ -105,6 +130,7 @@ class _RoIHeadsCache(NamedTuple):
     grad_logits: object  # (R, K+1)
     grad_deltas: object  # (R, 4(K+1))
     grad_mask: object  # (P, K, M, M), None when the batch had no positive RoI
+    grad_keypoint: object = None  # (P, K, m, m), None without a keypoint branch or positives
 
 
 class RoIHeads(Module):
@@ -113,7 +139,8 @@ class RoIHeads(Module):
     in_channels: C of the pooled feature maps. num_classes: K object classes (no background).
     featmap_names / strides: the levels the poolers read and their declared strides
     (``ResNetFPN.roi_levels`` and their ``ResNetFPN.strides``). rng: a seed or the Generator
-    shared with the RPN; it initialises the heads and drives the RoI sampler.
+    shared with the RPN; it initialises the heads and drives the RoI sampler. num_keypoints: K
+    keypoints per object for the keypoint branch (0: none).
 
     Parameter names follow torchvision's (``roi_heads.box_head.fc6`` ...).
     """
@@ -126,6 +153,7 @@ class RoIHeads(Module):
         featmap_names=("p2", "p3", "p4", "p5"),
         strides=(4, 8, 16, 32),
         rng=None,
+        num_keypoints: int = 0,
     ):
         self.config = rh = config if config is not None else RoIHeadsConfig()
         rng = as_generator(rng)
@@ -135,10 +163,20 @@ class RoIHeads(Module):
         self.mask_roi_pool = MultiScaleRoIAlign(names, rh.mask_pool_size, **pool)
         self.box_head = TwoMLPHead(in_channels * rh.box_pool_size**2, rh.representation_size, rng)
         self.box_predictor = FastRCNNPredictor(rh.representation_size, num_classes + 1, rng)
-        self.mask_head = MaskHead(in_channels, rh.mask_channels, rh.mask_num_convs, rng)
-        self.mask_predictor = MaskRCNNPredictor(
-            rh.mask_channels, rh.mask_channels, num_classes, rng
-        )
+        self.mask_head = self.mask_predictor = None
+        if rh.mask_branch:
+            self.mask_head = MaskHead(in_channels, rh.mask_channels, rh.mask_num_convs, rng)
+            self.mask_predictor = MaskRCNNPredictor(
+                rh.mask_channels, rh.mask_channels, num_classes, rng
+            )
+        self.num_keypoints = int(num_keypoints)
+        if self.num_keypoints:  # built last: without it, nothing above draws differently
+            self.keypoint_roi_pool = MultiScaleRoIAlign(names, rh.keypoint_pool_size, **pool)
+            layers = (rh.keypoint_channels,) * rh.keypoint_num_convs
+            self.keypoint_head = KeypointRCNNHeads(in_channels, layers, rng)
+            self.keypoint_predictor = KeypointRCNNPredictor(
+                rh.keypoint_channels, self.num_keypoints, rng
+            )
         self.box_coder = BoxCoder(rh.box_coder_weights)
         self.proposal_matcher = Matcher(rh.fg_iou_thresh, rh.bg_iou_thresh, False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(
@@ -148,12 +186,16 @@ class RoIHeads(Module):
 
     def forward(self, features: dict, proposals: list, image_sizes: list, targets=None):
         """features: ``{name: (N, C, H_l, W_l)}``; proposals: N arrays (R_i, 4); image_sizes: N
-        ``(h, w)`` before padding; targets: N dicts (``boxes``, ``labels``, ``masks``) to train.
+        ``(h, w)`` before padding; targets: N dicts (``boxes``, ``labels``, ``masks``, and
+        ``keypoints`` (G, K, 3) for the keypoint branch) to train.
 
         Returns ``(detections, losses)``: with targets, ``([], {"loss_classifier",
-        "loss_box_reg", "loss_mask"})`` and the gradients kept for :meth:`backward`; without,
-        ``(detections, {})``, one dict per image with ``boxes`` (D, 4), ``labels`` (D,) in
-        1..K, ``scores`` (D,) and ``mask_probs`` (D, M, M) of each box's predicted class."""
+        "loss_box_reg", "loss_mask"})`` (``loss_mask`` only with the mask branch, plus
+        ``loss_keypoint`` with the keypoint branch) and the gradients kept for :meth:`backward`;
+        without, ``(detections, {})``, one dict per image with ``boxes`` (D, 4), ``labels`` (D,)
+        in 1..K, ``scores`` (D,), ``mask_probs`` (D, M, M) of each box's predicted class (with
+        the mask branch), ``keypoints`` (D, K, 3) and ``keypoints_scores`` (D, K) (with the
+        keypoint branch)."""
         self.cache = None
         if targets is None:
             return self.detect(features, proposals, image_sizes), {}
@@ -161,17 +203,32 @@ class RoIHeads(Module):
         loss_cls, loss_box, g_logits, g_deltas = self._box_branch_loss(
             features, sampled, image_sizes
         )
-        loss_mask, g_mask = self._mask_branch_loss(features, sampled, targets, image_sizes)
-        self.cache = _RoIHeadsCache(g_logits, g_deltas, g_mask)
-        return [], {"loss_classifier": loss_cls, "loss_box_reg": loss_box, "loss_mask": loss_mask}
+        losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        g_mask = g_keypoint = None
+        if self.config.mask_branch:
+            losses["loss_mask"], g_mask = self._mask_branch_loss(
+                features, sampled, targets, image_sizes
+            )
+        if self.num_keypoints:
+            losses["loss_keypoint"], g_keypoint = self._keypoint_branch_loss(
+                features, sampled, targets, image_sizes
+            )
+        self.cache = _RoIHeadsCache(g_logits, g_deltas, g_mask, g_keypoint)
+        return [], losses
 
     def backward(self) -> dict:
-        """Gradients of the three losses of the last training forward -> ``{level name:
+        """Gradients of the losses of the last training forward -> ``{level name:
         (N, C, H_l, W_l)}`` for the pooled levels; parameter gradients go into ``.grad``."""
         if self.cache is None:
             raise RuntimeError("RoIHeads.backward() needs a training forward first (with targets)")
         c = self.cache
         feature_grads: dict = {}
+        # the keypoint branch: keypoint predictor -> keypoint head -> its RoIAlign -> P2..P5
+        if c.grad_keypoint is not None:
+            g = self.keypoint_predictor.backward(c.grad_keypoint)
+            add_named_grads(
+                feature_grads, self.keypoint_roi_pool.backward(self.keypoint_head.backward(g))
+            )
         # the mask branch: mask predictor -> mask head -> its RoIAlign -> P2..P5
         if c.grad_mask is not None:
             g = self.mask_head.backward(self.mask_predictor.backward(c.grad_mask))
@@ -198,8 +255,8 @@ class RoIHeads(Module):
                 matched_raw = self.proposal_matcher(box_iou(gt_boxes, props))
                 matched = xp.maximum(matched_raw, 0)
                 lab = tgt["labels"][matched].astype(np.int64)
-                lab[matched_raw == Matcher.BELOW_LOW_THRESHOLD] = 0
-                lab[matched_raw == Matcher.BETWEEN_THRESHOLDS] = -1
+                lab = xp.where(matched_raw == Matcher.BELOW_LOW_THRESHOLD, xp.int64(0), lab)
+                lab = xp.where(matched_raw == Matcher.BETWEEN_THRESHOLDS, xp.int64(-1), lab)
             pos, neg = self.fg_bg_sampler([lab])
             keep = xp.flatnonzero(pos[0] | neg[0])
             props, lab, matched = props[keep], lab[keep], matched[keep]
@@ -249,10 +306,11 @@ class RoIHeads(Module):
 
     def _mask_branch_loss(self, features, sampled: SampledRoIs, targets, image_sizes):
         """The mask branch runs on the positive RoIs only."""
-        positive = [lab > 0 for lab in sampled.labels]
+        xp = get_xp(sampled.rois[0])
+        # index arrays, not boolean masks: one data-sized result (a GPU sync) per image
+        positive = [xp.flatnonzero(lab > 0) for lab in sampled.labels]
         pos_rois = [r[p] for r, p in zip(sampled.rois, positive)]
-        pos_labels = get_xp(sampled.rois[0]).concatenate(sampled.labels)
-        pos_labels = pos_labels[pos_labels > 0]
+        pos_labels = xp.concatenate([lab[p] for lab, p in zip(sampled.labels, positive)])
         mask_targets = self.mask_targets(
             pos_rois, [m[p] for m, p in zip(sampled.matched_idxs, positive)], targets
         )
@@ -267,7 +325,11 @@ class RoIHeads(Module):
         """The inference path: box branch -> post-processing -> mask branch on the final boxes
         (per image ``boxes``, ``labels``, ``scores``, ``mask_probs`` of the predicted class)."""
         detections = self.detect_boxes(features, proposals, image_sizes)
-        return self.add_mask_probs(features, detections, image_sizes)
+        if self.config.mask_branch:
+            detections = self.add_mask_probs(features, detections, image_sizes)
+        if self.num_keypoints:
+            detections = self.add_keypoints(features, detections, image_sizes)
+        return detections
 
     def detect_boxes(self, features, proposals, image_sizes) -> list[dict]:
         """The box branch and its post-processing: per image ``{"boxes", "labels", "scores"}``."""
@@ -309,6 +371,43 @@ class RoIHeads(Module):
             logits = mask_logits[start : start + n]
             start += n
             d["mask_probs"] = sigmoid(logits[xp.arange(n), d["labels"] - 1])
+        return detections
+
+    # -- the keypoint branch -------------------------------------------------------------------
+    def _keypoint_branch_loss(self, features, sampled: SampledRoIs, targets, image_sizes):
+        """The keypoint branch on the positive RoIs (like the mask branch), each RoI trained on
+        the keypoints of the GT box it was matched to (``keypoints.keypointrcnn_loss``)."""
+        gt = [t.get("keypoints") for t in targets]
+        if any(g is None for g in gt):
+            raise ValueError(
+                f"the keypoint branch (num_keypoints={self.num_keypoints}) trains on targets "
+                "with 'keypoints' (G, K, 3): rows (x, y, visibility) per box, COCO's convention"
+            )
+        positive = [lab > 0 for lab in sampled.labels]
+        pos_rois = [r[p] for r, p in zip(sampled.rois, positive)]
+        if not sum(int(r.shape[0]) for r in pos_rois):
+            return 0.0, None
+        feats = self.keypoint_roi_pool(features, pos_rois, image_sizes)
+        logits = self.keypoint_predictor(self.keypoint_head(feats))
+        matched = [m[p] for m, p in zip(sampled.matched_idxs, positive)]
+        return keypointrcnn_loss(logits, pos_rois, gt, matched)
+
+    def add_keypoints(self, features, detections, image_sizes) -> list[dict]:
+        """The keypoint branch on the final boxes: sets each detection dict's ``keypoints``
+        (D, K, 3), rows (x, y, 1) in the pixels of the boxes, and ``keypoints_scores`` (D, K)
+        (``keypoints.heatmaps_to_keypoints``), and returns the list."""
+        det_boxes = [d["boxes"] for d in detections]
+        xp = get_xp(*det_boxes)
+        logits = xp.zeros((0, self.num_keypoints, 1, 1), dtype=det_boxes[0].dtype)
+        if sum(b.shape[0] for b in det_boxes):
+            feats = self.keypoint_roi_pool(features, det_boxes, image_sizes)
+            logits = self.keypoint_predictor(self.keypoint_head(feats))
+            check_finite("the keypoint head's heatmaps", logits)
+        start = 0
+        for d, boxes in zip(detections, det_boxes):
+            maps = logits[start : start + boxes.shape[0]]
+            start += boxes.shape[0]
+            d["keypoints"], d["keypoints_scores"] = heatmaps_to_keypoints(maps, boxes)
         return detections
 
 
@@ -355,8 +454,13 @@ def maskrcnn_loss(mask_logits, labels, mask_targets):
     if p == 0:
         return 0.0, grad
     k = mask_logits.shape[1]
-    if labels.shape != (p,) or int(labels.min()) < 1 or int(labels.max()) > k:
-        raise ValueError(f"mask loss labels must be ({p},) classes in 1..{k} (positive RoIs only)")
+
+    def error():
+        return ValueError(f"mask loss labels must be ({p},) classes in 1..{k} (positive RoIs only)")
+
+    if labels.shape != (p,):
+        raise error()
+    raise_if(((labels < 1) | (labels > k)).any(), error)
     idx = xp.arange(p)
     chan = labels - 1  # channel k-1 holds class k's mask (no background mask)
     loss, g = binary_cross_entropy_with_logits(mask_logits[idx, chan], mask_targets)

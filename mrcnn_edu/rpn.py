@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, AnchorGenerator
-from .backend import get_xp
+from .backend import device_of, get_xp
 from .boxes import BoxCoder, box_iou, clip_boxes_to_image, remove_small_boxes, validate_boxes
 from .config_checks import at_least, between, check_fields, one_of, positive_numbers
 from .heads import RPNHead
@@ -164,7 +164,8 @@ class RPN(Module):
         feature_shapes = [tuple(f.shape[-2:]) for f in features]
         _check_level_sizes(feature_shapes, self.strides, batch_shape, names)
         xp = get_xp(features[0])
-        anchors = xp.asarray(self.anchor_generator(batch_shape, feature_shapes, features[0].dtype))
+        dtype, device = features[0].dtype, device_of(features[0])  # anchors cached per device
+        anchors = self.anchor_generator(batch_shape, feature_shapes, dtype, device)
 
         objectness, deltas = self._run_head(features)
         # (N, A*k, H, W) per level -> (N, sum_l H_l W_l A, k): row order = anchor order
@@ -245,9 +246,12 @@ class RPN(Module):
         for target in targets:
             gt_boxes = _gt_boxes(target, xp, anchors.dtype)
             matched_idxs = self.matcher(box_iou(gt_boxes, anchors))  # all -1 without GT
-            labels_per_image = xp.zeros(anchors.shape[0], dtype=xp.int64)
-            labels_per_image[matched_idxs >= 0] = 1
-            labels_per_image[matched_idxs == Matcher.BETWEEN_THRESHOLDS] = -1
+            # 1 positive, -1 ignored, 0 negative (xp.where: no mask-sized result, no GPU sync)
+            labels_per_image = xp.where(
+                matched_idxs >= 0,
+                xp.int64(1),
+                xp.where(matched_idxs == Matcher.BETWEEN_THRESHOLDS, xp.int64(-1), xp.int64(0)),
+            )
             targets_per_image = xp.zeros_like(anchors)
             positive = xp.flatnonzero(matched_idxs >= 0)
             if positive.size:

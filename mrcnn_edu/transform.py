@@ -27,8 +27,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_xp
+from .backend import get_xp, to_device
 from .config_checks import ConfigError
+from .keypoints import check_keypoints
 from .postprocess import paste_masks_in_image
 from .resample import resize_image
 
@@ -112,6 +113,16 @@ def resize_boxes(boxes, from_size: tuple[int, int], to_size: tuple[int, int]):
     return (boxes * ratios).astype(boxes.dtype, copy=False)
 
 
+def resize_keypoints(keypoints, from_size: tuple[int, int], to_size: tuple[int, int]):
+    """Keypoints (..., 3) rows (x, y, v) scaled as :func:`resize_boxes` scales boxes (x by
+    ``float32(to_w) / float32(from_w)``, y likewise, torchvision's ``resize_keypoints``); the
+    visibility is kept, and an unlabelled keypoint stays at (0, 0)."""
+    ratio_w = np.float32(to_size[1]) / np.float32(from_size[1])
+    ratio_h = np.float32(to_size[0]) / np.float32(from_size[0])
+    scale = get_xp(keypoints).asarray([ratio_w, ratio_h, 1], dtype=np.float32)
+    return (keypoints * scale).astype(keypoints.dtype, copy=False)
+
+
 # -------------------------------------------------------------------------------------------
 # Checks and the whole transform
 # -------------------------------------------------------------------------------------------
@@ -142,10 +153,14 @@ def check_images(images) -> list:
     return list(images)
 
 
-def check_targets(targets, image_sizes, num_classes: int, dtype) -> list[dict]:
+def check_targets(
+    targets, image_sizes, num_classes: int, dtype, num_keypoints: int = 0
+) -> list[dict]:
     """One target dict per image, each checked against its image's size: ``boxes`` (G, 4)
     with x2 > x1 and y2 > y1 (returned in ``dtype``), ``labels`` (G,) ints in 1..K,
-    ``masks`` (G, h, w). Raises a ValueError naming the target and the problem."""
+    ``masks`` (G, h, w), and with ``num_keypoints`` > 0 ``keypoints`` (G, num_keypoints, 3)
+    (``keypoints.check_keypoints``; without, they are dropped). Raises a ValueError naming the
+    target and the problem."""
     if targets is None or len(targets) != len(image_sizes):
         raise ValueError(
             f"training needs one target dict per image ({len(image_sizes)}), got "
@@ -174,20 +189,40 @@ def check_targets(targets, image_sizes, num_classes: int, dtype) -> list[dict]:
             )
         if g and bool(xp.any((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))):
             raise ValueError(f"targets[{i}]['boxes'] has boxes with x2 <= x1 or y2 <= y1")
-        out.append({"boxes": boxes, "labels": labels.astype(np.int64), "masks": masks})
+        target = {"boxes": boxes, "labels": labels.astype(np.int64), "masks": masks}
+        if num_keypoints:
+            where = f"targets[{i}]['keypoints']"
+            target["keypoints"] = check_keypoints(
+                t.get("keypoints"), g, num_keypoints, where, dtype
+            )
+        out.append(target)
     return out
 
 
 def prepare_inputs(
-    images, config, dtype, targets=None, need_targets: bool = False, training=False, rng=None
+    images,
+    config,
+    dtype,
+    targets=None,
+    need_targets: bool = False,
+    training=False,
+    rng=None,
+    device: str | None = None,
 ) -> ModelInputs:
     """The whole input transform for a model of ``config`` (a ``MaskRCNNConfig``) whose
     parameters are ``dtype``. ``training`` with several ``config.min_size`` values draws one
-    per image from ``rng`` (nothing is drawn otherwise); ``need_targets`` requires targets."""
+    per image from ``rng`` (nothing is drawn otherwise); ``need_targets`` requires targets.
+
+    ``device`` (the model's, e.g. ``"cuda:0"``): the images and targets are checked where they
+    are (host arrays: no device sync) and then moved there, where the rest runs."""
     images = check_images(images)
     original = [(int(im.shape[1]), int(im.shape[2])) for im in images]
     if need_targets or targets is not None:
-        targets = check_targets(targets, original, config.num_classes, dtype)
+        targets = check_targets(
+            targets, original, config.num_classes, dtype, getattr(config, "num_keypoints", 0)
+        )
+    if device is not None:
+        images, targets = to_device(images, device), to_device(targets, device)
     xp = get_xp(images[0])
     mean = xp.asarray(config.image_mean, dtype=dtype).reshape(3, 1, 1)
     std = xp.asarray(config.image_std, dtype=dtype).reshape(3, 1, 1)
@@ -218,10 +253,13 @@ def to_original_size(
         det = dict(det)
         if tuple(size) != tuple(original):
             det["boxes"] = resize_boxes(det["boxes"], size, original)
-        probs = det.pop("mask_probs")
-        det["masks"] = paste_masks_in_image(
-            probs, det["boxes"], original, mask_threshold, mode=mask_paste
-        )
+            if "keypoints" in det:
+                det["keypoints"] = resize_keypoints(det["keypoints"], size, original)
+        if "mask_probs" in det:  # absent without the mask branch
+            probs = det.pop("mask_probs")
+            det["masks"] = paste_masks_in_image(
+                probs, det["boxes"], original, mask_threshold, mode=mask_paste
+            )
         out.append(det)
     return out
 
@@ -241,11 +279,14 @@ def _target_size(size, config, training: bool, rng) -> tuple[int, int]:
 
 
 def _resize_target(target: dict, size, new_size) -> dict:
-    return {
+    out = {
         **target,
         "boxes": resize_boxes(target["boxes"], size, new_size),
         "masks": resize_masks(target["masks"], new_size),
     }
+    if "keypoints" in target:
+        out["keypoints"] = resize_keypoints(target["keypoints"], size, new_size)
+    return out
 
 
 def _pad(images, sizes, divisible: int, dtype):

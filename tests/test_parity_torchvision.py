@@ -62,6 +62,7 @@ HEAD_SPREAD = {
     "roi_heads.box_predictor.cls_score": 3.5,
     "roi_heads.box_predictor.bbox_pred": 0.6,
     "roi_heads.mask_predictor.mask_fcn_logits": 4.0,
+    "roi_heads.keypoint_predictor.kps_score_lowres": 3.0,  # keypointrcnn_resnet50_fpn only
 }
 
 
@@ -74,13 +75,14 @@ def two_threads():
 
 
 # -- the two models ----------------------------------------------------------------------------
-def torchvision_model(seed: int = 0, **settings):
-    """``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **settings)``, in eval mode,
-    with BN statistics measured on a calibration batch, random BN affine parameters, every
-    BatchNorm2d frozen (FrozenBatchNorm2d, as in the published model), heads scaled to
-    HEAD_SPREAD on the same batch."""
+def torchvision_model(seed: int = 0, builder=maskrcnn_resnet50_fpn, **settings):
+    """``builder(weights=None, weights_backbone=None, **settings)`` (``maskrcnn_resnet50_fpn``
+    or ``keypointrcnn_resnet50_fpn``), in eval mode, with BN statistics measured on a
+    calibration batch, random BN affine parameters, every BatchNorm2d frozen
+    (FrozenBatchNorm2d, as in the published model), heads scaled to HEAD_SPREAD on the same
+    batch."""
     torch.manual_seed(seed)
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **settings)
+    model = builder(weights=None, weights_backbone=None, **settings)
     gen = torch.Generator().manual_seed(seed + 1)
     mean = torch.tensor(model.transform.image_mean)[:, None, None]
     std = torch.tensor(model.transform.image_std)[:, None, None]
@@ -122,9 +124,16 @@ def _spread_heads(model, batch, gen) -> None:
     heads.box_predictor.cls_score.bias -= logits.mean(0)  # no class ahead on average
     outputs["roi_heads.box_predictor.cls_score"] = logits - logits.mean(0)
     outputs["roi_heads.box_predictor.bbox_pred"] = heads.box_predictor.bbox_pred(rep)
-    masks = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, boxes, sizes)))
-    outputs["roi_heads.mask_predictor.mask_fcn_logits"] = masks
+    for kind, count in (("mask", 64), ("keypoint", 16)):  # the branches this model has
+        if getattr(heads, f"{kind}_predictor", None) is not None:
+            # (the keypoint head, 8 convs of 512 channels, measured on fewer boxes)
+            pooled = getattr(heads, f"{kind}_roi_pool")(features, [b[:count] for b in boxes], sizes)
+            out = getattr(heads, f"{kind}_predictor")(getattr(heads, f"{kind}_head")(pooled))
+            name = next(k for k in HEAD_SPREAD if k.startswith(f"roi_heads.{kind}_"))
+            outputs[name] = out
     for name, spread in HEAD_SPREAD.items():
+        if name not in outputs:
+            continue
         factor = spread / float(outputs[name].std())
         layers[name].weight.mul_(factor)
         layers[name].bias.mul_(factor)
