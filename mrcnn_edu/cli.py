@@ -3,9 +3,11 @@
 mrcnn-edu demo                      train on synthetic shapes, evaluate, write pictures
 mrcnn-edu demo --quick              the same pipeline in about a minute (smoke test)
 mrcnn-edu demo --toolkit            fit a tiny conv net with the explicit-autograd toolkit
+mrcnn-edu demo --pose [--quick]     keypoints (human pose) of synthetic stick figures, OKS AP
 mrcnn-edu train --config run.json --out runs/x [--overwrite]
 mrcnn-edu train --data train.json --images DIR --val-data val.json --eval-every 500 --out runs/x
 mrcnn-edu train --resume runs/x [--lr 0.005]    continue a stopped run (Ctrl-C, SIGTERM, NaN)
+mpiexec -n 2 mrcnn-edu train --config run.json [--device cuda]   data parallel: MPI (GPUs: NCCL)
 mrcnn-edu evaluate --run runs/x [--data coco.json --images folder] [--json results.json]
 mrcnn-edu predict --run runs/x image.png [...] --out predictions.png [--json results.json]
 mrcnn-edu convert torchvision MODEL.pth OUT.npz   torchvision weights -> our .npz (no torch)
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train on synthetic shapes, evaluate, write pictures")
     demo.add_argument("--toolkit", action="store_true", help="the tiny conv-net toolkit demo")
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke run")
+    demo.add_argument("--pose", action="store_true", help="human pose: stick-figure keypoints")
     demo.add_argument("--out", default=None, help="output folder (default runs/demo)")
     demo.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     demo.add_argument("--seed", type=int, default=0)
@@ -52,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     train.add_argument("--no-progress", action="store_true")
 
-    ev = sub.add_parser("evaluate", help="COCO bbox/segm AP of a trained run")
-    ev.add_argument("--run", required=True, help="the run folder (config.json + last.npz)")
-    ev.add_argument("--config", default=None, help="run config JSON (default RUN/config.json)")
-    ev.add_argument("--out", default=None, help="folder for the figure (default: the run)")
-    ev.add_argument("--weights", default=None, help="checkpoint to load (default RUN/last.npz)")
-    ev.add_argument("--data", default=None, help="COCO json to evaluate on (default: held-out)")
-    ev.add_argument("--images", default=None, help="image folder of --data")
-    ev.add_argument("--json", default=None, help="also write the COCO results json here")
+    ev = _add_evaluate_parser(sub)
 
     pr = sub.add_parser("predict", help="draw a trained run's predictions on image files")
     pr.add_argument("images", nargs="+", help="PNG/JPEG files")
@@ -72,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_convert_parser(sub)
     _add_inspect_parser(sub)
+    _add_threads_flag(demo, train, ev, pr)
+    _add_device_flag(demo, train, ev, pr)
 
     args = parser.parse_args(argv)
     try:
+        _check_device(args)  # before anything is read or written
         _check_outputs(args)
+        _set_threads(args)
         return _COMMANDS[args.command](args, parser)
     except (OSError, ValueError) as err:  # bad input, or a file that cannot be written
         print(f"mrcnn-edu {args.command}: error: {err}", file=sys.stderr)
@@ -102,6 +102,67 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _add_threads_flag(*parsers) -> None:
+    for parser in parsers:
+        parser.add_argument(
+            "--threads",
+            default=None,
+            metavar="N",
+            help="BLAS threads (default: cores - 1, at least 1; under mpiexec cores / ranks on "
+            "the node; or MRCNN_EDU_THREADS, OPENBLAS_NUM_THREADS, OMP_NUM_THREADS if set)",
+        )
+
+
+def _set_threads(args) -> None:
+    """``--threads`` (or its default, ``threads.choose_threads``), applied and printed; a bad
+    count is a ValueError naming it (exit 2)."""
+    if hasattr(args, "threads"):
+        from .threads import configure_threads
+
+        configure_threads(args.threads)
+
+
+def _add_evaluate_parser(sub):
+    ev = sub.add_parser("evaluate", help="COCO bbox/segm AP of a trained run")
+    ev.add_argument("--run", required=True, help="the run folder (config.json + last.npz)")
+    ev.add_argument("--config", default=None, help="run config JSON (default RUN/config.json)")
+    ev.add_argument("--out", default=None, help="folder for the figure (default: the run)")
+    ev.add_argument("--weights", default=None, help="checkpoint to load (default RUN/last.npz)")
+    ev.add_argument("--data", default=None, help="COCO json to evaluate on (default: held-out)")
+    ev.add_argument("--images", default=None, help="image folder of --data")
+    ev.add_argument("--json", default=None, help="also write the COCO results json here")
+    return ev
+
+
+_DEVICE_HELP = (
+    "cpu (default), cuda or cuda:N (a GPU; needs the gpu extra). Under mpiexec, --device cuda "
+    "puts rank r on GPU r %% device_count and all-reduces with NCCL. Not part of the run: a run "
+    "started on one device resumes on another"
+)
+
+
+def _add_device_flag(*parsers) -> None:
+    for parser in parsers:
+        parser.add_argument("--device", default=None, metavar="DEVICE", help=_DEVICE_HELP)
+
+
+def _check_device(args) -> None:
+    """``--device``, checked: a ValueError starting ``--device NAME:`` (exit 2) when there is
+    no such device (no CuPy, no GPU) or the command cannot use it."""
+    device = getattr(args, "device", None)
+    if device is None:
+        return
+    from .backend import check_device
+
+    try:
+        name = check_device(device)
+    except ValueError as err:
+        reason = str(err).removeprefix(f"device {device!r}: ")
+        raise ValueError(f"--device {device}: {reason}") from None
+    if name != "cpu" and getattr(args, "toolkit", False):
+        raise ValueError(f"--device {device}: the --toolkit demo runs on the CPU only")
+
+
 def _check_outputs(args) -> None:
     """Every ``--out`` (and ``convert``'s OUT), checked before any work starts."""
     from .out_paths import IMAGE_SUFFIXES, check_output_file, check_output_folder
@@ -120,6 +181,8 @@ def _check_outputs(args) -> None:
 def _demo(args, parser) -> int:
     if args.steps is not None and args.steps <= 0:
         parser.error("--steps must be positive")
+    if args.toolkit and args.pose:
+        parser.error("--toolkit and --pose are two different demos; choose one")
     if args.toolkit:
         from . import toolkit_demo
 
@@ -166,7 +229,7 @@ def _train(args, parser) -> int:
     return train_command(args, parser)
 
 
-def _load_run(run_dir: str, weights_path: str | None, config_path: str | None = None):
+def _load_run(run_dir: str, weights_path: str | None, config_path: str | None = None, device=None):
     from .mask_rcnn import MaskRCNN
     from .run_config import load_run_config
     from .train_checkpoint import load_checkpoint_weights
@@ -178,6 +241,9 @@ def _load_run(run_dir: str, weights_path: str | None, config_path: str | None = 
     if not os.path.exists(path):
         raise FileNotFoundError(f"no weights at {path!r}; train first or pass --weights")
     load_checkpoint_weights(model, path)
+    if device is not None:  # --device: predictions are computed there, returned on the host
+        model.to(device)
+    print(f"device: {device or 'cpu'}")
     return cfg, model.eval()
 
 
@@ -186,7 +252,7 @@ def _evaluate(args, parser) -> int:
     from .evaluate import check_results_path
     from .run_config import build_datasets
 
-    cfg, model = _load_run(args.run, args.weights, args.config)
+    cfg, model = _load_run(args.run, args.weights, args.config, args.device)
     json_path = check_results_path(args.json) if args.json else None
     if args.data:
         if not args.images:
@@ -216,7 +282,7 @@ def _predict(args, parser) -> int:
         import PIL  # noqa: F401
     except ImportError as err:
         raise ValueError("reading images needs Pillow: pip install 'mrcnn-edu[demo]'") from err
-    cfg, model = _load_run(args.run, args.weights, args.config)
+    cfg, model = _load_run(args.run, args.weights, args.config, args.device)
     json_path = check_results_path(args.json) if args.json else None
     names, category_ids = _predict_classes(args, cfg)
     images = [read_image(path) for path in args.images]  # scaled by each file's bit depth
@@ -311,14 +377,17 @@ def _add_convert_parser(sub) -> None:
 
 def _convert(args, parser) -> int:
     from . import weights
-    from .convert import CLASS_LOGITS, from_torchvision
+    from .convert import CLASS_LOGITS, KEYPOINT_LOGITS, from_torchvision
 
     if not args.out.endswith(".npz"):
         raise ValueError(f"the output file must end in .npz, got {args.out!r}")
     state = from_torchvision(args.model)
     weights.save(args.out, state)
     k = state[CLASS_LOGITS].shape[0] - 1
-    print(f"wrote {args.out}: {len(state)} arrays, MaskRCNNConfig.resnet50_fpn(num_classes={k})")
+    preset = f"resnet50_fpn(num_classes={k})"
+    if KEYPOINT_LOGITS in state:  # torchvision's keypointrcnn_resnet50_fpn
+        preset = f"keypointrcnn_resnet50_fpn({state[KEYPOINT_LOGITS].shape[1]}, num_classes={k})"
+    print(f"wrote {args.out}: {len(state)} arrays, MaskRCNNConfig.{preset}")
     return 0
 
 

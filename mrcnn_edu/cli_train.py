@@ -21,6 +21,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import time
 
 
 def add_run_flags(parser, what: str) -> None:
@@ -57,15 +58,24 @@ def add_val_flags(parser) -> None:
 
 
 def demo_command(args, parser) -> int:
-    """``mrcnn-edu demo`` (not ``--toolkit``): the shapes preset, or ``--quick``'s."""
-    from .run_config import RunConfig, quick_run_config
+    """``mrcnn-edu demo`` (not ``--toolkit``): the shapes preset, or ``--quick``'s; with
+    ``--pose``, the stick-figure keypoint preset (``pose_run_config``)."""
+    from .run_config import RunConfig, pose_run_config, quick_run_config
+    from .threads import command_reference, reference_summary
 
-    default = "runs/demo_quick" if args.quick else "runs/demo"
+    started, reference = time.perf_counter(), command_reference()  # ~2 s, for the summary
+    default = ("runs/pose" if args.pose else "runs/demo") + ("_quick" if args.quick else "")
     out = args.out or (_resume_folder(args.resume) if args.resume is not None else default)
-    cfg = quick_run_config(out) if args.quick else RunConfig()
+    if args.pose:
+        cfg = pose_run_config(out, quick=args.quick)
+    else:
+        cfg = quick_run_config(out) if args.quick else RunConfig()
     overrides = {"seed": args.seed, "progress": not args.no_progress}
     cfg.train = _train_settings(args, parser, cfg.train, out, overrides)
-    return _run(cfg, args, out)
+    status = _run(cfg, args, out)
+    if status == 0 and reference is not None:
+        print(reference_summary(time.perf_counter() - started, reference))
+    return status
 
 
 def train_command(args, parser) -> int:
@@ -242,14 +252,15 @@ def _run(cfg, args, out: str) -> int:
     from .out_paths import check_output_folder
     from .train_guards import TrainingDiverged, TrainingTerminated, sigterm_as_interrupt
 
-    comm = parallel_communicator()
+    comm = parallel_communicator(args.device)  # mpiexec with --device cuda: NCCL, GPU bound
     check_output_folder(out, "--out" if args.out else "the output folder (train.out_dir)")
     # --lr or --steps with --resume: continue with the new schedule (said when resuming).
     strict = not (args.resume is not None and (args.lr is not None or args.steps))
     try:
         # several ranks: an error on one rank (not shared by all) ends the whole job
         with sigterm_as_interrupt(), abort_on_error(comm):
-            run_demo(cfg, resume=args.resume, overwrite=args.overwrite, strict=strict, comm=comm)
+            run_demo(cfg, resume=args.resume, overwrite=args.overwrite, strict=strict,
+                     comm=comm, device=args.device)  # fmt: skip
     except TrainingDiverged:
         return 1  # the trainer has said where the state is and how to continue
     except KeyboardInterrupt as err:
@@ -260,12 +271,13 @@ def _run(cfg, args, out: str) -> int:
     return 0
 
 
-def parallel_communicator():
-    """The run's communicator (``mpiexec -n N``: MPI); ranks other than 0 print nothing on
-    stdout (their errors still reach stderr), so the console shows one run."""
+def parallel_communicator(device: str | None = None):
+    """The run's communicator (``mpiexec -n N``: MPI, or NCCL with a CUDA ``device``); ranks
+    other than 0 print nothing on stdout (their errors still reach stderr), so the console
+    shows one run."""
     from .distributed import get_communicator
 
-    comm = get_communicator()
+    comm = get_communicator(device=device)
     if not comm.is_root:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the rest of the process
     return comm

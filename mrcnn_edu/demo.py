@@ -49,6 +49,7 @@ def run_demo(
     overwrite: bool = False,
     strict: bool = True,
     comm=None,
+    device: str | None = None,
 ) -> dict:
     """Train, evaluate and draw. Returns ``{"metrics", "figures", "out_dir", "seconds",
     "train_seconds"}``.
@@ -57,20 +58,19 @@ def run_demo(
         cfg: the run; its ``train.out_dir`` is the run folder.
         resume: a checkpoint or run folder to continue (``Trainer.resume``), with ``strict``.
         overwrite: start over in a folder that holds a run, deleting that run's files.
-        comm: a ``distributed.Communicator`` (every rank calls ``run_demo``; rank 0 writes
-            the run folder and evaluates, the others only train); None: one process.
+        comm, device: the Trainer's (every rank calls ``run_demo``; rank 0 writes the run
+            folder and evaluates, the others only train; on ``device``); None: one process, host.
 
-    Nothing is written before every check has passed: the folder (``check_run_folder``: a
-    folder holding a run needs ``resume`` or ``overwrite``), the data, the model config and the
-    checkpoint to resume. Then ``config.json`` and ``classes.json`` are written and training
-    starts.
+    Nothing is written before every check has passed: the folder (``check_run_folder``: a folder
+    holding a run needs ``resume`` or ``overwrite``), the data, the model config and the
+    checkpoint to resume. Then ``config.json`` and ``classes.json`` are written and training starts.
     """
     out = cfg.train.out_dir
     check_run_folder(out, resume=resume, overwrite=overwrite)
     t0 = time.perf_counter()
     train_set, val_set, class_names = _load_data(cfg)
     model = MaskRCNN(cfg.model, rng=cfg.train.seed)
-    trainer = _make_trainer(cfg, model, train_set, val_set, comm)
+    trainer = _make_trainer(cfg, model, train_set, val_set, comm, device)
     if resume is not None:
         check_resume_fits(resume, cfg)
         trainer.resume(resume, strict=strict)
@@ -116,8 +116,7 @@ def _start_training(cfg: RunConfig, trainer: Trainer, overwrite: bool) -> None:
         f"model: Mask R-CNN, {n_params / 1e6:.2f}M trainable parameters; "
         f"training {cfg.train.max_steps} steps of {cfg.train.batch_size} images"
     )
-    if trainer.comm.world_size > 1:
-        print(trainer.parallel_summary())
+    print(trainer.parallel_summary())  # the device; several ranks: batch and learning rate
 
 
 def _load_data(cfg: RunConfig):
@@ -137,7 +136,7 @@ def _load_data(cfg: RunConfig):
     return train_set, val_set, class_names
 
 
-def _make_trainer(cfg: RunConfig, model, train_set, val_set, comm=None) -> Trainer:
+def _make_trainer(cfg: RunConfig, model, train_set, val_set, comm=None, device=None) -> Trainer:
     """The Trainer of a CLI run: evaluation on the held-out set when ``eval_every`` is set, the
     data's fingerprint, the run config and classes kept in every checkpoint, and the command
     that continues the run named in the message of an early stop."""
@@ -157,14 +156,21 @@ def _make_trainer(cfg: RunConfig, model, train_set, val_set, comm=None) -> Train
         model,
         train_set,
         cfg.train,
-        augment=build_augment(cfg.data.augment),
+        augment=build_augment(cfg.data.augment, _keypoint_flip(cfg, train_set)),
         evaluate=evaluate,
         metrics=COCO_METRICS,
         data_fingerprint=data_fingerprint(cfg.data),
         run_info=run_info,
         resume_command=f"mrcnn-edu train --resume {shlex.quote(cfg.train.out_dir)}",
         comm=comm,
+        device=device,
     )
+
+
+def _keypoint_flip(cfg: RunConfig, train_set):
+    """The left/right swap map of the data's keypoints when a flip is on (None otherwise)."""
+    flips = cfg.data.augment.hflip or cfg.data.augment.vflip
+    return getattr(train_set, "keypoint_flip", None) if flips else None
 
 
 def _start_run_folder(cfg: RunConfig, classes_json: str, overwrite: bool) -> None:
@@ -190,13 +196,15 @@ def evaluate_model(
     json_path: str | None = None,
     progress: bool = True,
 ):
-    """Predict on every image, run COCOeval (bbox, segm), save a predictions figure
-    (``progress``: a bar over the images while predicting).
+    """Predict on every image, run COCOeval (bbox, segm; keypoints too for a pose model on data
+    with keypoints), save a predictions figure (``progress``: a bar over the images while
+    predicting; skeletons drawn where there are keypoints).
 
     Prints COCOeval's tables and the per-class AP table; returns ``(metrics, figure path)``
     with ``metrics = {"bbox": {..}, "segm": {..}, "per_class": {name: {..}}}`` (see
-    ``evaluate_coco``). ``json_path``: also write the COCO results there (category ids of the
-    dataset's json, every detection, as evaluated).
+    ``evaluate_coco``), and ``"keypoints"`` (``evaluate_keypoints``) when evaluated.
+    ``json_path``: also write the COCO results there (category ids of the dataset's json,
+    every detection, as evaluated).
     """
     from .evaluate import evaluate_coco, predictions_to_coco_results, write_coco_results
     from .visualize import save_predictions_figure
@@ -218,14 +226,35 @@ def evaluate_model(
         print(f"results: {write_coco_results(results, json_path)}")
     gt = dataset.coco if hasattr(dataset, "coco") else dataset
     metrics = evaluate_coco(gt, results, print_table=True, image_ids=image_ids, per_class=True)
+    if predictions and "keypoints" in predictions[0]:
+        metrics.update(_keypoint_metrics(dataset, gt, results, image_ids))
     figure = save_predictions_figure(
         [it["image"] for it in images[:8]],
         predictions[:8],
         targets=images[:8],
         class_names=class_names,
         path=os.path.join(out_dir, figure_name),
+        skeleton=getattr(dataset, "skeleton", ()),
     )
     return metrics, figure
+
+
+def _keypoint_metrics(dataset, gt, results, image_ids) -> dict:
+    """``{"keypoints": COCO keypoint AP}`` with the dataset's OKS sigmas (COCO's for its 17
+    keypoints); ``{}`` with a note when the data has no keypoints or no sigmas for them."""
+    from .evaluate_keypoints import COCO_KEYPOINT_SIGMAS, evaluate_keypoints
+
+    names = getattr(dataset, "keypoint_names", ())
+    sigmas = getattr(dataset, "keypoint_sigmas", None)
+    if sigmas is None and len(names) == len(COCO_KEYPOINT_SIGMAS):
+        sigmas = COCO_KEYPOINT_SIGMAS
+    if sigmas is None:
+        print(
+            f"keypoint AP skipped: the data has {len(names)} keypoints and OKS needs a sigma "
+            "for each (known: the pose data's and COCO's 17)"
+        )
+        return {}
+    return {"keypoints": evaluate_keypoints(gt, results, sigmas, image_ids=image_ids)}
 
 
 def _print_summary(summary: dict) -> None:
@@ -235,6 +264,9 @@ def _print_summary(summary: dict) -> None:
             f"held-out: segm AP {m['segm']['AP']:.3f}, AP50 {m['segm']['AP50']:.3f}; "
             f"bbox AP {m['bbox']['AP']:.3f}, AP50 {m['bbox']['AP50']:.3f}"
         )
+    if "keypoints" in m:
+        k = m["keypoints"]
+        print(f"held-out: keypoint AP {k['AP']:.3f}, AP50 {k['AP50']:.3f} (OKS)")
     print(
         f"time: {summary['seconds'] / 60:.1f} min "
         f"(training {summary['train_seconds'] / 60:.1f} min)"

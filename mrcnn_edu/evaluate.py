@@ -69,7 +69,8 @@ def predictions_to_coco_results(
         predictions: one dict per image with ``"boxes"`` ``(D, 4)`` xyxy pixels, ``"labels"``
             ``(D,)`` ints in ``1..K``, ``"scores"`` ``(D,)``, and optionally ``"masks"``
             ``(D, H, W)`` (or ``(D, 1, H, W)``) binary or probabilities, pasted into the full
-            image. NumPy or CuPy arrays.
+            image, and ``"keypoints"`` ``(D, K, 3)`` rows ``(x, y, v)`` (pose models). NumPy or
+            CuPy arrays.
         image_ids: the image id of each prediction (``item["image_id"]``).
         label_to_category_id: maps the model's labels to the json's category ids (the
             dataset's ``label_to_category_id``); ``None`` means they are equal.
@@ -77,7 +78,8 @@ def predictions_to_coco_results(
 
     Returns:
         ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation"}]``;
-        ``segmentation`` (compressed RLE with ``str`` counts) only when masks are given.
+        ``segmentation`` (compressed RLE with ``str`` counts) only when masks are given,
+        ``keypoints`` (COCO's flat ``[x1, y1, v1, ...]``) only when keypoints are.
     """
     if len(predictions) != len(image_ids):
         raise ValueError(
@@ -87,6 +89,7 @@ def predictions_to_coco_results(
     results = []
     for index, (pred, image_id) in enumerate(zip(predictions, image_ids)):
         boxes, labels, scores, masks = _unpack_prediction(pred, index)
+        keypoints = _keypoint_rows(pred, index, len(boxes))
         category_ids = [_category_id(int(k), label_to_category_id, index) for k in labels]
         rles = None
         if masks is not None and len(masks):
@@ -107,6 +110,8 @@ def predictions_to_coco_results(
                     "size": [int(s) for s in rles[d]["size"]],
                     "counts": rles[d]["counts"].decode("ascii"),
                 }
+            if keypoints is not None:
+                result["keypoints"] = keypoints[d]
             results.append(result)
     return results
 
@@ -461,6 +466,19 @@ def _unpack_prediction(pred, index):
                 f"predictions[{index}]['masks'] must be (D, H, W) with D = {num}, got {masks.shape}"
             )
     return boxes, labels, scores, masks
+
+
+def _keypoint_rows(pred, index, num):
+    """A prediction's ``keypoints`` ``(D, K, 3)`` as D flat lists ``[x1, y1, v1, ...]``."""
+    if pred.get("keypoints") is None:
+        return None
+    keypoints = np.asarray(to_host(pred["keypoints"]), dtype=np.float64)
+    if keypoints.ndim != 3 or keypoints.shape[0] != num or keypoints.shape[2] != 3:
+        raise ValueError(
+            f"predictions[{index}]['keypoints'] must be (D, K, 3) with D = {num}, got "
+            f"{keypoints.shape}"
+        )
+    return [row.ravel().tolist() for row in keypoints]
 
 
 def _category_id(label, label_to_category_id, index):

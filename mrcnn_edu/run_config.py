@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .config_checks import (
     ConfigError,
@@ -26,6 +26,7 @@ from .config_checks import (
     shown,
     under,
 )
+from .data.pose import NUM_KEYPOINTS, PoseDataset
 from .data.shapes import SHAPE_KINDS, ShapesDataset
 from .data.transforms import AugmentConfig
 from .mask_rcnn import MaskRCNNConfig
@@ -36,7 +37,7 @@ from .train_config import TrainConfig
 RUN_CONFIG_NAME = "config.json"
 CLASSES_NAME = "classes.json"
 _DATA_RULES = {
-    "source": one_of("shapes", "coco"),
+    "source": one_of("shapes", "coco", "pose"),
     "num_train": at_least(1),
     "num_val": Rule(lambda n: n >= 0, "must be >= 0 (0: no held-out set, no evaluation)"),
     "image_size": Rule(lambda hw: min(hw) >= 8, "must be [height, width], both >= 8"),
@@ -47,7 +48,8 @@ _DATA_RULES = {
 
 @dataclass
 class DataConfig:
-    """Where the images come from: ``"shapes"`` (generated) or a COCO-format json + folder."""
+    """Where the images come from: ``"shapes"`` or ``"pose"`` (generated: ``ShapesDataset``,
+    ``PoseDataset``'s stick figures with keypoints) or a COCO-format json + folder."""
 
     source: str = "shapes"
     num_train: int = 3000
@@ -158,13 +160,37 @@ def quick_run_config(out_dir: str) -> RunConfig:
     )
 
 
+def pose_run_config(out_dir: str = "runs/pose", quick: bool = False) -> RunConfig:
+    """``mrcnn-edu demo --pose`` (``quick``: ``--pose --quick``, a smoke run): the small pose
+    preset trained on generated stick figures, flipped at random (left/right keypoints swap),
+    with the shapes demo's schedule.
+
+    Training samples 32 RoIs per image (8 positives at most) instead of the preset's 64: the
+    mask and keypoint heads then run on half as many RoIs, and a step of a trained model takes
+    0.34 s instead of 0.54 s (measured back to back). 2000 such steps reach the keypoint AP
+    that 1500 steps of 64 RoIs reached (0.59 on the 200 held-out images) in 13 minutes instead
+    of about 14 to 16. Inference is unchanged (the sampler only runs in training)."""
+    model = MaskRCNNConfig.small_pose(num_keypoints=NUM_KEYPOINTS)
+    model = replace(model, roi_heads=replace(model.roi_heads, batch_size_per_image=32))
+    if quick:  # --quick's schedule, shorter
+        train = quick_run_config(out_dir).train
+        train = replace(train, max_steps=40, warmup_iters=20, checkpoint_every=20)
+        sizes = (80, 8)
+    else:
+        train, sizes = demo_train_config(out_dir=out_dir), (3000, 200)
+    augment = AugmentConfig(hflip=True)
+    data = DataConfig(source="pose", num_train=sizes[0], num_val=sizes[1], augment=augment)
+    return RunConfig(model=model, train=train, data=data)
+
+
 def build_datasets(data: DataConfig):
     """(train, val, class_names) for the configured source; val is None without a held-out
-    set (shapes with ``num_val`` 0, or COCO without ``val_annotations``)."""
-    if data.source == "shapes":
-        train = ShapesDataset(data.num_train, image_size=data.image_size, seed=data.train_seed)
+    set (generated data with ``num_val`` 0, or COCO without ``val_annotations``)."""
+    if data.source in ("shapes", "pose"):
+        generated = ShapesDataset if data.source == "shapes" else PoseDataset
+        train = generated(data.num_train, image_size=data.image_size, seed=data.train_seed)
         val = (
-            ShapesDataset(data.num_val, image_size=data.image_size, seed=data.val_seed)
+            generated(data.num_val, image_size=data.image_size, seed=data.val_seed)
             if data.num_val
             else None
         )
@@ -249,9 +275,9 @@ def save_run_classes(folder: str, classes: dict) -> str:
 def data_fingerprint(data: DataConfig) -> str:
     """What identifies a run's training data, so a resume on other data is refused: the
     generator settings of the shapes, or the sha256 of the COCO json's content."""
-    if data.source == "shapes":
+    if data.source in ("shapes", "pose"):
         h, w = data.image_size
-        return f"shapes num_train={data.num_train} train_seed={data.train_seed} size={h}x{w}"
+        return f"{data.source} num_train={data.num_train} train_seed={data.train_seed} size={h}x{w}"
     digest = hashlib.sha256()
     with open(data.annotations, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -328,6 +354,8 @@ def _classes_from_data(cfg: RunConfig) -> tuple[tuple[str, ...], list[int]]:
     """The classes of a run that did not record them, from the data its config names."""
     if cfg.data.source == "shapes":
         return tuple(SHAPE_KINDS), list(range(1, len(SHAPE_KINDS) + 1))
+    if cfg.data.source == "pose":
+        return ("person",), [1]
     from .data.coco import read_coco_json
 
     if not (cfg.data.annotations and os.path.isfile(cfg.data.annotations)):

@@ -5,7 +5,8 @@ without ``pyplot``: nothing is registered globally, so there is no figure to lea
 no backend to switch, and the functions work the same in scripts, tests and notebooks.
 ``draw_instances`` draws onto any ``Axes``, including one from ``plt.subplots()`` in a notebook;
 so do ``draw_boxes`` (xyxy rectangles in one colour) and ``show_image`` (a ``(3, H, W)`` image with
-pixel edges on integer coordinates), the two pieces the chapter notebooks draw with.
+pixel edges on integer coordinates), the two pieces the chapter notebooks draw with, and
+``draw_keypoints`` (skeletons of keypoints, COCO's visibility).
 
 Matplotlib is imported inside the functions (``pip install 'mrcnn-edu[demo]'``), so importing
 this module needs NumPy only.
@@ -118,6 +119,36 @@ def draw_boxes(ax, boxes, colour, lw: float = 1.0, ls: str = "-", alpha: float |
     return ax
 
 
+def draw_keypoints(ax, keypoints, skeleton=(), colour=None, marker_size: float = 3.0):
+    """Draw skeletons on a matplotlib ``Axes``; return the axes.
+
+    ``keypoints``: ``(D, K, 3)`` (or one ``(K, 3)``) rows ``(x, y, v)`` in pixels, COCO's
+    visibility: a keypoint with ``v = 2`` is a filled dot, ``v = 1`` (labelled but hidden) an
+    open circle, ``v = 0`` is not drawn. ``skeleton``: ``(a, b)`` pairs of 0-based keypoint
+    indices, drawn as lines where both ends are drawn. Skeleton ``d`` gets
+    ``instance_colour(d)`` (the colour ``draw_instances`` gives instance ``d``), or ``colour``.
+    """
+    keypoints = np.asarray(to_host(keypoints), dtype=np.float64)
+    if keypoints.ndim == 2:
+        keypoints = keypoints[None]
+    if keypoints.ndim != 3 or keypoints.shape[2] != 3:
+        raise ValueError(f"keypoints must be (D, K, 3) rows (x, y, v), got {keypoints.shape}")
+    from matplotlib import patheffects
+
+    outline = [patheffects.withStroke(linewidth=3.0, foreground="black")]  # shows on its mask
+    for d, person in enumerate(keypoints):
+        c = instance_colour(d) if colour is None else colour
+        shown = person[:, 2] > 0
+        for a, b in skeleton:
+            if shown[a] and shown[b]:
+                ax.plot(person[[a, b], 0], person[[a, b], 1], color=c, lw=1.5, path_effects=outline)
+        for v, face in ((2, c), (1, "none")):
+            at = person[:, 2] == v
+            ax.plot(person[at, 0], person[at, 1], "o", ms=marker_size, mfc=face, mec=c, mew=1.0,
+                    path_effects=outline)  # fmt: skip
+    return ax
+
+
 def show_image(ax, image, title: str = ""):
     """Show a ``(3, H, W)`` image (float in [0, 1] or uint8) on a matplotlib ``Axes`` with pixel
     edges on integer coordinates (the box convention, so ``draw_boxes`` lines up), a small
@@ -181,6 +212,7 @@ def save_predictions_figure(
     path: str | os.PathLike = "predictions.png",
     max_images: int = 8,
     score_threshold: float = 0.5,
+    skeleton=(),
 ) -> str:
     """Save a grid of predictions (ground truth beside each when ``targets`` are given).
 
@@ -193,6 +225,8 @@ def save_predictions_figure(
         path: the PNG to write (its folder must exist).
         max_images: draw at most this many images (the first ones).
         score_threshold: detections scoring below this are not drawn.
+        skeleton: edges ``(a, b)`` of the keypoints; predictions and targets carrying
+            ``"keypoints"`` get their skeletons drawn (``draw_keypoints``) with or without it.
 
     Returns the path written.
     """
@@ -214,9 +248,16 @@ def save_predictions_figure(
                 axes[slot], images[i], t["boxes"], t["labels"], t.get("masks"),
                 class_names=class_names,
             )  # fmt: skip
+            if "keypoints" in t:
+                draw_keypoints(axes[slot], t["keypoints"], skeleton)
             axes[slot].set_title("ground truth", fontsize=9)
             slot += 1
         _draw_prediction(axes[slot], images[i], predictions[i], score_threshold, class_names)
+        if "keypoints" in predictions[i]:  # a model's keypoints carry v = 1: draw them filled
+            keep = np.asarray(to_host(predictions[i]["scores"])) >= score_threshold
+            shown = np.array(to_host(predictions[i]["keypoints"]), np.float64)[keep]
+            shown[..., 2] = 2
+            draw_keypoints(axes[slot], shown, skeleton)
     fig.tight_layout()
     return atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100))
 

@@ -145,7 +145,7 @@ BAD_CONFIGS = [
     ({"train": {"momentum": 1.5}}, r"^train\.momentum must lie in \[0, 1\), got 1\.5$"),
     ({"train": {"progress": "no"}}, r"^train\.progress must be True or False, got 'no'$"),
     ({"data": {"num_val": -1}}, r"^data\.num_val must be >= 0"),
-    ({"data": {"source": "voc"}}, r"^data\.source must be one of \['shapes', 'coco'\]"),
+    ({"data": {"source": "voc"}}, r"^data\.source must be one of \['shapes', 'coco', 'pose'\]"),
     ({"data": None}, r"^data must be an object of DataConfig settings, got null$"),
     ([1, 2], r"^a run config must be a JSON object"),
 ]

@@ -59,6 +59,11 @@ class CocoDataset:
     - ``"image_id"``: int, the json's image id
     - ``"orig_size"``: ``(H, W)``
     - ``"crowd_boxes"``: ``(C, 4)`` float32 xyxy boxes of the crowd regions (not targets)
+    - ``"keypoints"``: ``(G, K, 3)`` float32 rows ``(x, y, v)``, only when the json's categories
+      declare keypoints (COCO person_keypoints); an annotation without keypoints gets ``v = 0``
+
+    ``keypoint_names`` and ``skeleton`` (0-based index pairs) come from the categories (empty
+    without keypoints); ``keypoint_flip`` is the left/right swap map horizontal flips need.
 
     Annotations with an empty (after clipping) box are skipped too, and counted in
     ``num_degenerate``.
@@ -90,6 +95,7 @@ class CocoDataset:
         category_ids = sorted(self.coco.cats)
         self.category_id_to_label = {cid: k + 1 for k, cid in enumerate(category_ids)}
         self.label_to_category_id = {k + 1: cid for k, cid in enumerate(category_ids)}
+        self.keypoint_names, self.skeleton = _keypoint_layout(content["categories"])
         self.num_crowd = summary["num_crowd"]
         self.num_degenerate = summary["num_degenerate"]
         image_ids = sorted(self.coco.imgs)
@@ -112,7 +118,7 @@ class CocoDataset:
         height, width = int(info["height"]), int(info["width"])
         image = self._load_image(info)
 
-        boxes, labels, masks, crowd_boxes = [], [], [], []
+        boxes, labels, masks, crowd_boxes, keypoints = [], [], [], [], []
         for ann in self._anns(image_id):
             box = _clipped_xyxy(ann["bbox"], height, width)
             if ann.get("iscrowd", 0):
@@ -121,7 +127,8 @@ class CocoDataset:
                 boxes.append(box)
                 labels.append(self.category_id_to_label[ann["category_id"]])
                 masks.append(_ann_to_mask(self.coco, ann))
-        return {
+                keypoints.append(ann.get("keypoints") or [0] * (3 * len(self.keypoint_names)))
+        item = {
             "image": image,
             "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
             "labels": np.asarray(labels, np.int64),
@@ -134,6 +141,18 @@ class CocoDataset:
             "orig_size": (height, width),
             "crowd_boxes": np.asarray(crowd_boxes, np.float32).reshape(-1, 4),
         }
+        if self.keypoint_names:
+            k = len(self.keypoint_names)
+            item["keypoints"] = np.asarray(keypoints, np.float32).reshape(-1, k, 3)
+        return item
+
+    @property
+    def keypoint_flip(self) -> list[int] | None:
+        """Keypoint ``j`` of a mirrored item is keypoint ``keypoint_flip[j]`` (left/right
+        swapped by name, ``transforms.keypoint_flip_index``); None without keypoints."""
+        from .transforms import keypoint_flip_index
+
+        return keypoint_flip_index(self.keypoint_names) if self.keypoint_names else None
 
     @property
     def categories(self) -> list[dict]:
@@ -243,6 +262,16 @@ def coco_from_dict(content):
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def _keypoint_layout(categories) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
+    """``(keypoint names, skeleton as 0-based pairs)`` of the categories that declare them
+    (the checks made sure they all declare the same); ``((), ())`` without keypoints."""
+    for cat in categories:
+        if cat.get("keypoints"):
+            edges = tuple((int(a) - 1, int(b) - 1) for a, b in cat.get("skeleton") or ())
+            return tuple(cat["keypoints"]), edges
+    return (), ()
 
 
 def _ann_to_mask(coco, ann) -> np.ndarray:

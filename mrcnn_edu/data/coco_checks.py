@@ -23,6 +23,7 @@ import numpy as np
 from .rle import compressed_rle_problems
 
 TOP_LEVEL_KEYS = ("images", "annotations", "categories")
+_INVALID = ("<invalid keypoint names>",)  # a category whose keypoint names are reported bad
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
 
 
@@ -36,6 +37,10 @@ def validate_coco_instances(content, source: str = "<dict>") -> dict:
     height, and a ``segmentation`` that is a list of polygons (each an even number >= 6 of
     coordinates) or an RLE dict whose ``size`` is the image's ``[height, width]`` and whose
     counts (a list, or a compressed string that must decode) sum to ``height * width``.
+    Keypoints (COCO person_keypoints): a category's ``keypoints`` are distinct names and its
+    ``skeleton`` pairs of 1-based keypoint numbers; every category with keypoints lists the
+    same ones; an annotation's ``keypoints`` are ``3 K`` finite numbers ``[x, y, v, ...]`` with
+    each ``v`` in {0, 1, 2}, and its ``num_keypoints`` (when given) counts those with ``v > 0``.
 
     Returns ``{"num_crowd": int, "num_degenerate": int}`` (annotations that are crowd regions,
     and non-crowd ones whose box is empty after clipping to the image).
@@ -123,8 +128,8 @@ def _check_images(entries, source, image_root):
 
 
 def _check_categories(entries, source):
-    """``(set of category ids, problems)``."""
-    category_ids, problems = set(), []
+    """``({category id: its keypoint names, or None}, problems)``."""
+    category_ids, problems = {}, []
     for i, cat in enumerate(entries):
         where = f"{source}: categories[{i}]"
         found = _missing_keys(cat, ("id", "name"), where)
@@ -135,8 +140,52 @@ def _check_categories(entries, source):
         elif cat["id"] in category_ids:
             problems.append(f"{where}: duplicate category id {cat['id']!r}")
         else:
-            category_ids.add(cat["id"])
-    return category_ids, problems
+            found = _keypoint_category_problems(cat, where)
+            problems += found
+            names = None if found else cat.get("keypoints")
+            category_ids[cat["id"]] = _INVALID if found else names and tuple(names)
+    return category_ids, problems + _mixed_keypoint_problems(category_ids, source)
+
+
+def _keypoint_category_problems(cat, where) -> list[str]:
+    """A keypoints category (COCO person_keypoints): ``keypoints`` a list of distinct names,
+    ``skeleton`` (optional) a list of ``[a, b]`` pairs of 1-based keypoint numbers."""
+    names, skeleton = cat.get("keypoints"), cat.get("skeleton")
+    if names is None:
+        return [f"{where}: has a 'skeleton' but no 'keypoints' names"] if skeleton else []
+    if (
+        not isinstance(names, list)
+        or not names
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        return [f"{where}: 'keypoints' must be a non-empty list of distinct keypoint names"]
+    k = len(names)
+    if skeleton is not None and not (
+        isinstance(skeleton, list)
+        and all(
+            isinstance(e, list) and len(e) == 2 and all(_is_int(j) and 1 <= j <= k for j in e)
+            for e in skeleton
+        )
+    ):
+        return [
+            f"{where}: 'skeleton' must be a list of [a, b] pairs of keypoint numbers 1..{k} "
+            f"(1-based, as in COCO)"
+        ]
+    return []
+
+
+def _mixed_keypoint_problems(category_ids, source) -> list[str]:
+    """Every category that declares keypoints must declare the same ones (one keypoint head
+    predicts the same K keypoints for every class)."""
+    declared = {c: n for c, n in category_ids.items() if n is not None and n is not _INVALID}
+    if len(set(declared.values())) <= 1:
+        return []
+    shown = "; ".join(f"id {cid}: {len(n)} {list(n)[:3]}..." for cid, n in declared.items())
+    return [
+        f"{source}: categories declare different keypoints ({shown}); every category with "
+        "keypoints must list the same names in the same order"
+    ]
 
 
 def _check_annotations(entries, images, known_ids, category_ids, source):
@@ -156,6 +205,7 @@ def _check_annotations(entries, images, known_ids, category_ids, source):
         if _is_int(ann["id"]):
             seen_ids.add(ann["id"])
         problems += _bbox_problems(ann["bbox"], where)
+        problems += _keypoint_problems(ann, category_ids, where)
         image = images.get(ann["image_id"]) if _hashable(ann["image_id"]) else None
         if image is not None:
             segm = ann["segmentation"]
@@ -195,6 +245,54 @@ def _annotation_id_problems(ann, seen_ids, known_ids, category_ids, where) -> li
             f"(known ids: {sorted(category_ids)})"
         )
     return problems
+
+
+def _keypoint_problems(ann, categories, where) -> list[str]:
+    """``keypoints``: ``[x1, y1, v1, ...]``, 3 numbers per keypoint of the category, each
+    ``v`` 0 (not labelled), 1 (labelled, hidden) or 2 (visible); ``num_keypoints`` (when
+    given) the count with ``v > 0``."""
+    if "keypoints" not in ann:
+        if ann.get("num_keypoints", 0):
+            return [f"{where}: 'num_keypoints' is {ann['num_keypoints']!r} but there are no "
+                    "'keypoints'"]  # fmt: skip
+        return []
+    cid = ann["category_id"]
+    if not _hashable(cid) or cid not in categories:
+        return []  # the unknown category is reported already
+    names = categories[cid]
+    if names is _INVALID:
+        return []  # the category's keypoint names are reported already
+    if names is None:
+        return [
+            f"{where}: has 'keypoints' but category {cid!r} declares no keypoint names; add "
+            f"'keypoints' (the names, in order) and 'skeleton' to the category"
+        ]
+    values, k = ann["keypoints"], len(names)
+    if (
+        not isinstance(values, list)
+        or len(values) != 3 * k
+        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values)
+        or not all(math.isfinite(v) for v in values)
+    ):
+        got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+        return [
+            f"{where}: 'keypoints' must be a flat list [x1, y1, v1, ...] of 3 x {k} = {3 * k} "
+            f"numbers (category {cid} has {k} keypoints), got {got}"
+        ]
+    for j, v in enumerate(values[2::3]):
+        if v not in (0, 1, 2):
+            return [
+                f"{where}: keypoint {j} ({names[j]!r}) has visibility {v!r}; COCO's v is 0 (not "
+                f"labelled), 1 (labelled, hidden) or 2 (visible)"
+            ]
+    labelled = sum(v > 0 for v in values[2::3])
+    count = ann.get("num_keypoints", labelled)
+    if not _is_int(count) or count != labelled:
+        return [
+            f"{where}: 'num_keypoints' is {count!r} but {labelled} keypoints have v > 0; set "
+            f"it to {labelled}"
+        ]
+    return []
 
 
 def _bbox_problems(bbox, where) -> list[str]:

@@ -206,13 +206,7 @@ class ShapesDataset:
         )
 
     def _check_index(self, index) -> int:
-        if not isinstance(index, (int, np.integer)):
-            raise TypeError(f"dataset index must be an int, got {type(index).__name__}")
-        if index < 0:
-            index += self.num_images
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index out of range for a dataset of {self.num_images} images")
-        return int(index)
+        return check_index(index, self.num_images)
 
     def _generate(self, index: int) -> tuple[dict, list[dict]]:
         height, width = self.image_size
@@ -220,35 +214,17 @@ class ShapesDataset:
         image, background_colour = _background(rng, height, width, self.backgrounds)
 
         num_wanted = int(rng.integers(self.min_objects, self.max_objects + 1))
-        full_masks: list[np.ndarray] = []
-        visible: list[np.ndarray] = []
-        labels: list[int] = []
-        colours: list[np.ndarray] = []
-        layout: list[dict] = []
-        for _ in range(num_wanted):
-            placed = self._place(rng, full_masks, visible)
-            if placed is None:
-                if len(labels) < self.min_objects:
-                    raise RuntimeError(
-                        f"could not place {self.min_objects} shapes in image {index} with "
-                        f"at least {self.min_visible:.0%} of each visible; lower min_objects "
-                        f"or radius_range, or raise image_size"
-                    )
-                break
-            label, mask, params = placed
-            # The new shape is on top: it hides its pixels from every earlier shape.
-            visible = [v & ~mask for v in visible]
-            full_masks.append(mask)
-            visible.append(mask.copy())
-            labels.append(label)
-            colours.append(_object_colour(rng, background_colour, colours))
-            layout.append({"kind": self.classes[label - 1], "label": label, **params})
-
-        for mask, colour in zip(full_masks, colours):  # painter's order: later on top
-            image[mask] = colour
-        # A little sensor noise over everything, so flat colours are not a give-away.
-        image += rng.normal(0.0, rng.uniform(0.0, 0.03), image.shape)
-        image = np.clip(image, 0.0, 1.0).astype(np.float32).transpose(2, 0, 1)
+        failure = (
+            f"could not place {self.min_objects} shapes in image {index} with "
+            f"at least {self.min_visible:.0%} of each visible; lower min_objects "
+            f"or radius_range, or raise image_size"
+        )
+        full_masks, visible, colours, placed = layer_objects(
+            rng, num_wanted, self._place, self.min_objects, background_colour, failure
+        )
+        labels = [label for label, _ in placed]
+        layout = [{"kind": self.classes[k - 1], "label": k, **params} for k, params in placed]
+        image = paint(image, full_masks, colours, rng)
 
         masks = (
             np.stack(visible).astype(np.uint8)
@@ -284,8 +260,54 @@ class ShapesDataset:
                 (v & ~mask).sum() >= self.min_visible * full.sum()
                 for v, full in zip(visible, full_masks)
             ):
-                return label, mask, {"cx": cx, "cy": cy, "r": r}
+                return mask, (label, {"cx": cx, "cy": cy, "r": r})
         return None
+
+
+def layer_objects(rng, wanted: int, place, min_count: int, background_colour, failure: str):
+    """Place up to ``wanted`` objects one above the other, each with its colour.
+
+    ``place(rng, full_masks, visible_masks)`` returns ``(mask, info)`` for a new object that
+    leaves every earlier one visible enough, or None when it finds no place; the new object is
+    on top, hiding its pixels from the earlier ones. Fewer than ``min_count`` objects raise a
+    RuntimeError with ``failure``. Returns ``(full masks, visible masks, colours, infos)``,
+    bottom to top.
+    """
+    full, visible, colours, infos = [], [], [], []
+    for _ in range(wanted):
+        placed = place(rng, full, visible)
+        if placed is None:
+            if len(full) < min_count:
+                raise RuntimeError(failure)
+            break
+        mask, info = placed
+        visible = [v & ~mask for v in visible]
+        full.append(mask)
+        visible.append(mask.copy())
+        infos.append(info)
+        colours.append(_object_colour(rng, background_colour, colours))
+    return full, visible, colours, infos
+
+
+def paint(image, full_masks, colours, rng) -> np.ndarray:
+    """The objects painted over the ``(H, W, 3)`` background in order (later ones on top),
+    then a little sensor noise, so flat colours are not a give-away: ``(3, H, W)`` float32."""
+    for mask, colour in zip(full_masks, colours):
+        image[mask] = colour
+    image += rng.normal(0.0, rng.uniform(0.0, 0.03), image.shape)
+    return np.clip(image, 0.0, 1.0).astype(np.float32).transpose(2, 0, 1)
+
+
+def check_index(index, length: int) -> int:
+    """``index`` of a generated dataset of ``length`` items as a position ``0..length - 1``
+    (negative counts from the end); TypeError for a non-integer, IndexError out of range."""
+    if not isinstance(index, (int, np.integer)):
+        raise TypeError(f"dataset index must be an int, got {type(index).__name__}")
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index out of range for a dataset of {length} images")
+    return int(index)
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
@@ -314,8 +336,10 @@ def to_coco_dict(dataset, file_name_format: str = "{:06d}.png") -> dict:
     Masks become compressed RLE (``pycocotools.mask.encode``, counts decoded to ``str`` so the
     dict is JSON-serialisable), ``"area"`` is the mask's pixel count, ``"bbox"`` is
     ``[x, y, w, h]`` from the item's xyxy box, ``"iscrowd"`` is 0, category ids are the labels.
-    Annotation ids start at 1 (COCOeval reads id 0 as "no match"). Evaluation can use this
-    dict directly as ground truth, without writing files.
+    Annotation ids start at 1 (COCOeval reads id 0 as "no match"). Items with ``"keypoints"``
+    ``(G, K, 3)`` (``pose.PoseDataset``) also get COCO's ``"keypoints"`` ``[x1, y1, v1, ...]``
+    and ``"num_keypoints"`` (the count with ``v > 0``). Evaluation can use this dict directly
+    as ground truth, without writing files.
     """
     return _coco_dict(dataset, file_name_format)
 
@@ -388,6 +412,12 @@ def _coco_dict(dataset, file_name_format, save_image=None):
                     "iscrowd": 0,
                 }
             )
+        if "keypoints" in item:  # COCO person keypoints: [x1, y1, v1, ...] per annotation
+            for annotation, rows in zip(annotations[-len(masks) :], item["keypoints"]):
+                annotation["keypoints"] = [
+                    float(v) if k % 3 < 2 else int(v) for k, v in enumerate(np.ravel(rows))
+                ]
+                annotation["num_keypoints"] = int((np.asarray(rows)[:, 2] > 0).sum())
     return {
         "info": {"description": f"written by mrcnn-edu from {dataset!r}"},
         "images": images,
