@@ -1,6 +1,7 @@
 """The ``mrcnn-edu`` command.
 
 mrcnn-edu demo                      train on synthetic shapes, evaluate, write pictures
+                                    (2 MPI ranks on 2+ cores with the dist extra; --ranks 1)
 mrcnn-edu demo --quick              the same pipeline in about a minute (smoke test)
 mrcnn-edu demo --toolkit            fit a tiny conv net with the explicit-autograd toolkit
 mrcnn-edu demo --pose [--quick]     keypoints (human pose) of synthetic stick figures, OKS AP
@@ -20,10 +21,17 @@ import argparse
 import os
 import sys
 
-from .cli_train import add_run_flags, add_val_flags, demo_command, train_command
+from .cli_train import (
+    add_run_flags,
+    add_val_flags,
+    demo_command,
+    demo_ranks_command,
+    train_command,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = argparse.ArgumentParser(
         prog="mrcnn-edu",
         description=__doc__.split("\n")[0],
@@ -41,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     add_run_flags(demo, "its folder becomes the output folder unless --out")
     demo.add_argument("--no-progress", action="store_true", help="plain log lines, no bar")
+    demo.add_argument(
+        "--ranks",
+        default=None,
+        metavar="N",
+        help="processes that train together, each on its share of the batch (default auto: 2 "
+        "on a CPU with 2+ cores when the dist extra is installed, else 1; or MRCNN_EDU_RANKS); "
+        "more than 1 restarts the command under mpiexec",
+    )
 
     train = sub.add_parser("train", help="train from a run config (JSON)")
     train.add_argument("--config", default=None, help="run config JSON (model/train/data)")
@@ -72,14 +88,48 @@ def main(argv: list[str] | None = None) -> int:
     _add_device_flag(demo, train, ev, pr)
 
     args = parser.parse_args(argv)
+    _quiet_other_ranks(args)
     try:
         _check_device(args)  # before anything is read or written
         _check_outputs(args)
+        ranks = _demo_ranks(args)
+        if ranks > 1:  # the command runs again as `ranks` MPI processes (launch.py)
+            return demo_ranks_command(argv, ranks)
         _set_threads(args)
         return _COMMANDS[args.command](args, parser)
     except (OSError, ValueError) as err:  # bad input, or a file that cannot be written
         print(f"mrcnn-edu {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _quiet_other_ranks(args) -> None:
+    """Under ``mpiexec``, ranks other than 0 print nothing on stdout (their errors still reach
+    stderr), so the console shows one run."""
+    if args.command not in ("demo", "train"):
+        return
+    from .distributed import launched_rank
+
+    if launched_rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the rest of the process
+
+
+def _demo_ranks(args) -> int:
+    """How many ranks ``demo`` starts (1: run in this process). Under ``mpiexec`` the
+    launcher has decided: ``--ranks`` is checked against it and 1 returned."""
+    if args.command != "demo" or args.toolkit:
+        return 1
+    from . import launch
+    from .distributed import launched_world_size
+    from .threads import available_cores
+
+    world = launched_world_size()
+    if world > 1:
+        launch.check_launched_ranks(args.ranks, world)
+        return 1
+    ranks, note = launch.plan_ranks(args.ranks, args.device, available_cores())
+    if note:
+        print(note)
+    return ranks
 
 
 def _positive_int(text: str) -> int:

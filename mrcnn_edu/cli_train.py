@@ -60,6 +60,8 @@ def add_val_flags(parser) -> None:
 def demo_command(args, parser) -> int:
     """``mrcnn-edu demo`` (not ``--toolkit``): the shapes preset, or ``--quick``'s; with
     ``--pose``, the stick-figure keypoint preset (``pose_run_config``)."""
+    from .distributed import launched_world_size
+    from .launch import split_batch
     from .run_config import RunConfig, pose_run_config, quick_run_config
     from .threads import command_reference, reference_summary
 
@@ -72,7 +74,24 @@ def demo_command(args, parser) -> int:
         cfg = quick_run_config(out) if args.quick else RunConfig()
     overrides = {"seed": args.seed, "progress": not args.no_progress}
     cfg.train = _train_settings(args, parser, cfg.train, out, overrides)
+    # Under mpiexec the demo's batch and rate are shared by the ranks (launch.py): the same run.
+    cfg.train = split_batch(cfg.train, launched_world_size())
     status = _run(cfg, args, out)
+    if status == 0 and reference is not None:
+        print(reference_summary(time.perf_counter() - started, reference))
+    return status
+
+
+def demo_ranks_command(argv: list[str], ranks: int) -> int:
+    """``mrcnn-edu demo`` as ``ranks`` MPI processes (``launch.run_ranks``), with the GEMM
+    reference measured here, before they start, for the closing line."""
+    from .launch import launch_command, run_ranks
+    from .threads import command_reference, reference_summary
+
+    started, reference = time.perf_counter(), command_reference()
+    print(f"training on {ranks} ranks, one per core: {shlex.join(launch_command(argv, ranks))}")
+    sys.stdout.flush()  # before the ranks' own lines
+    status = run_ranks(argv, ranks)
     if status == 0 and reference is not None:
         print(reference_summary(time.perf_counter() - started, reference))
     return status
@@ -266,7 +285,7 @@ def _run(cfg, args, out: str) -> int:
     except KeyboardInterrupt as err:
         terminated = isinstance(err, TrainingTerminated)
         if getattr(err, "saved_checkpoint", None) is None:  # not stopped inside training
-            _say_stopped(args.command, out, terminated)
+            _say_stopped(args.command, out, terminated, comm)
         return 143 if terminated else 130
     return 0
 
@@ -283,12 +302,13 @@ def parallel_communicator(device: str | None = None):
     return comm
 
 
-def _say_stopped(command: str, out: str, terminated: bool) -> None:
+def _say_stopped(command: str, out: str, terminated: bool, comm=None) -> None:
+    from .demo import resume_command
+
     cause = "stopped by SIGTERM" if terminated else "interrupted"
     last = os.path.join(out, "last.npz")
     if os.path.isfile(last):
-        cause += f"; the newest state is in {last}: continue with `mrcnn-edu train --resume "
-        cause += f"{shlex.quote(out)}`"
+        cause += f"; the newest state is in {last}: continue with `{resume_command(out, comm)}`"
     print(f"mrcnn-edu {command}: {cause}", file=sys.stderr)
 
 

@@ -41,6 +41,7 @@ from .run_folder import (
 )
 from .train import Trainer
 from .train_eval import COCO_METRICS, coco_evaluator
+from .train_parallel import images_word
 
 
 def run_demo(
@@ -114,7 +115,8 @@ def _start_training(cfg: RunConfig, trainer: Trainer, overwrite: bool) -> None:
     n_params = sum(p.data.size for p in trainer.model.parameters())
     print(
         f"model: Mask R-CNN, {n_params / 1e6:.2f}M trainable parameters; "
-        f"training {cfg.train.max_steps} steps of {cfg.train.batch_size} images"
+        f"training {cfg.train.max_steps} steps of {images_word(cfg.train.batch_size)}"
+        + (" per rank" if trainer.comm.world_size > 1 else "")
     )
     print(trainer.parallel_summary())  # the device; several ranks: batch and learning rate
 
@@ -161,10 +163,19 @@ def _make_trainer(cfg: RunConfig, model, train_set, val_set, comm=None, device=N
         metrics=COCO_METRICS,
         data_fingerprint=data_fingerprint(cfg.data),
         run_info=run_info,
-        resume_command=f"mrcnn-edu train --resume {shlex.quote(cfg.train.out_dir)}",
+        resume_command=resume_command(cfg.train.out_dir, comm),
         comm=comm,
         device=device,
     )
+
+
+def resume_command(out_dir: str, comm=None) -> str:
+    """The command that continues the run in ``out_dir`` exactly: ``mrcnn-edu train --resume
+    RUN``, under ``mpiexec -n W`` when ``W`` ranks trained it (the same number of ranks keeps
+    the resume exact)."""
+    world = comm.world_size if comm is not None else 1
+    launcher = f"mpiexec -n {world} " if world > 1 else ""
+    return f"{launcher}mrcnn-edu train --resume {shlex.quote(out_dir)}"
 
 
 def _keypoint_flip(cfg: RunConfig, train_set):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -34,6 +35,7 @@ BUCKET_BYTES = 25 * 1024 * 1024  # the gradient bucket size (PyTorch DDP's defau
 # Environment variables an MPI launcher sets in every process it starts (MPICH/Hydra and Intel
 # MPI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE; PMIx launchers: PMIX_SIZE).
 _WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
 class Communicator:
@@ -100,6 +102,12 @@ class SingleProcess(Communicator):
 class MpiCommunicator(Communicator):
     """MPI through mpi4py, on host (NumPy) arrays: ``Allreduce`` in place, then divide.
 
+    A rank that reaches a collective first waits for the others in a non-blocking barrier
+    finished by :func:`wait_politely` (it sleeps instead of spinning inside MPI), and only then
+    moves the data with the blocking call, which runs at full speed because every rank is
+    there. On a machine with more ranks than free cores (another program running, an
+    oversubscribed laptop) the core a waiting rank would burn goes to the rank still computing.
+
     Args:
         comm: an ``mpi4py.MPI.Comm``; default ``MPI.COMM_WORLD``.
     """
@@ -111,23 +119,28 @@ class MpiCommunicator(Communicator):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.world_size = self.comm.Get_size()
+        self._flag = np.zeros(1, dtype=np.int32)
 
     def allreduce_mean_(self, buffer):
         _check_buffer(buffer)
+        self.barrier()  # everyone has arrived: the data moves without waiting
         self.comm.Allreduce(self._mpi.IN_PLACE, buffer, op=self._mpi.SUM)
         buffer /= self.world_size
         return buffer
 
     def broadcast_(self, buffer, root: int = 0):
         _check_buffer(buffer)
+        self.barrier()
         self.comm.Bcast(buffer, root=root)
         return buffer
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        wait_politely(self.comm.Ibarrier())
 
     def agree(self, flag: bool) -> bool:
-        return bool(self.comm.allreduce(int(bool(flag)), op=self._mpi.MAX))
+        self._flag[0] = int(bool(flag))  # 4 bytes: done in the same polls as a barrier
+        wait_politely(self.comm.Iallreduce(self._mpi.IN_PLACE, self._flag, op=self._mpi.MAX))
+        return bool(self._flag[0])
 
     def gather_object(self, obj, root: int = 0) -> list | None:
         return self.comm.gather(obj, root=root)
@@ -136,6 +149,37 @@ class MpiCommunicator(Communicator):
         sys.stderr.write(failure_message(self.rank, self.world_size, err))
         sys.stderr.flush()
         self.comm.Abort(1)
+
+
+# wait_politely: poll at full speed for this long (a partner that is nearly there costs no
+# sleep), then sleep between polls, doubling the pause up to the cap.
+_SPIN_SECONDS = 2e-4
+_FIRST_SLEEP_SECONDS = 2e-5
+_MAX_SLEEP_SECONDS = 1e-3
+
+
+def wait_politely(request) -> None:
+    """Finish a non-blocking MPI request without holding a core while waiting.
+
+    MPI's blocking collectives busy-poll: a rank that reaches ``Allreduce`` first spins at
+    100% of its core until the last rank arrives. With one core per rank that costs nothing,
+    but when the ranks share cores with anything else (a second program, more ranks than
+    cores) the spinning rank takes CPU time from the one it waits for, and every step takes as
+    long as the slowest rank's unlucky share. Here the first ``_SPIN_SECONDS`` are polled at
+    full speed (``Test`` also drives MPI's progress), then the rank sleeps between polls, the
+    pause doubling from 20 us to at most 1 ms: on a quiet machine a step pays at most about
+    1 ms of extra latency per collective, on a busy one the waiting rank gives its core away.
+    """
+    if request.Test():
+        return
+    start = time.perf_counter()
+    while time.perf_counter() - start < _SPIN_SECONDS:
+        if request.Test():
+            return
+    pause = _FIRST_SLEEP_SECONDS
+    while not request.Test():
+        time.sleep(pause)
+        pause = min(2 * pause, _MAX_SLEEP_SECONDS)
 
 
 def _check_buffer(buffer) -> None:
@@ -164,12 +208,22 @@ def failure_message(rank: int, world_size: int, err: BaseException) -> str:
 
 def launched_world_size(environ=None) -> int:
     """The number of ranks an MPI launcher started (1 when not started by one)."""
+    return _launcher_number(_WORLD_SIZE_VARIABLES, 1, environ)
+
+
+def launched_rank(environ=None) -> int:
+    """This process's rank as its MPI launcher numbered it (0 when not started by one)."""
+    return _launcher_number(_RANK_VARIABLES, 0, environ)
+
+
+def _launcher_number(names, default: int, environ=None) -> int:
+    """The first of the launcher's variables ``names`` that holds a whole number."""
     environ = os.environ if environ is None else environ
-    for name in _WORLD_SIZE_VARIABLES:
+    for name in names:
         value = environ.get(name, "")
         if value.isdigit():
             return int(value)
-    return 1
+    return default
 
 
 def get_communicator(environ=None, device: str | None = None) -> Communicator:

@@ -158,7 +158,9 @@ def configure_threads(value=None, environ=None, say=print) -> ThreadChoice:
     naming the fix; the default is then skipped with a note (OpenBLAS keeps its own count).
     Under ``mpiexec`` only the first rank says it."""
     choice = choose_threads(value, environ)
-    if _launched_rank(os.environ if environ is None else environ) != 0:
+    from .distributed import launched_rank
+
+    if launched_rank(environ) != 0:
         say = _silent
     if choice.threads is None:
         say(f"BLAS threads: {blas_threads() or '?'} (from {choice.source}, as you set it)")
@@ -173,14 +175,6 @@ def configure_threads(value=None, environ=None, say=print) -> ThreadChoice:
     why = f"default: {choice.why}; set --threads N to change" if choice.why else choice.source
     say(f"BLAS threads: {choice.threads} ({why})")
     return choice
-
-
-def _launched_rank(environ) -> int:
-    """This process's rank as its MPI launcher numbered it (0 when not launched by one)."""
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if environ.get(name, "").isdigit():
-            return int(environ[name])
-    return 0
 
 
 def _silent(line: str) -> None:

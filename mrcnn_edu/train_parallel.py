@@ -41,6 +41,11 @@ from .nn.utils import NonFiniteError
 from .train_guards import TrainingDiverged, TrainingTerminated, loss_dict, loss_vector
 
 
+def images_word(n: int) -> str:
+    """``"1 image"``, ``"2 images"``."""
+    return f"{n} image{'' if n == 1 else 's'}"
+
+
 class TrainerParallel:
     """Data-parallel methods of the Trainer (see the module docstring)."""
 
@@ -81,11 +86,12 @@ class TrainerParallel:
             if c.warmup_iters
             else "no warm-up"
         )
+        images = images_word(c.batch_size)
         return (
             f"device: {device}\n"
-            f"data parallel: {w} ranks x {c.batch_size} images per rank = effective batch "
+            f"data parallel: {w} ranks x {images} per rank = effective batch "
             f"{w * c.batch_size}\n"
-            f"learning rate: {c.lr:g} (the config's, for {c.batch_size} images) x {w} ranks = "
+            f"learning rate: {c.lr:g} (the config's, for {images}) x {w} ranks = "
             f"{lr:g} (linear scaling rule); {warmup}"
         )
 

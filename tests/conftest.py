@@ -6,6 +6,9 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("MRCNN_EDU_QUICK", "1")
+# `mrcnn-edu demo` called in-process by the tests stays in this process (its default would start
+# itself again under mpiexec: tests/test_launch.py covers that path with the variable removed).
+os.environ.setdefault("MRCNN_EDU_RANKS", "1")
 
 
 def _has_cuda_device() -> bool:

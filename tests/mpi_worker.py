@@ -16,6 +16,8 @@ Scenarios:
             step 9: each rank's epoch and data position before and after its first step
     grads_fake  ``grads`` with a model that moves its inputs to its device, on the fake device
     grads_cuda  the same on GPUs through NCCL (``--device cuda``)
+    waiting rank 1 arrives WAIT_SECONDS late at each collective; rank 0 records the CPU time it
+            spent waiting in each, and both the results
 """
 
 from __future__ import annotations
@@ -208,9 +210,36 @@ def reshard(comm, out: str) -> None:
              step=trainer.step, lr=lr)  # fmt: skip
 
 
+WAIT_SECONDS = 0.5
+
+
+def waiting(comm, out: str) -> None:
+    """Each collective once, rank 1 late: the CPU seconds rank 0 used while it waited."""
+    buf = np.full(1000, comm.rank + 1.0)
+    late = {
+        "allreduce": lambda: comm.allreduce_mean_(buf),
+        "broadcast": lambda: comm.broadcast_(np.full(10, float(comm.rank)), root=1),
+        "barrier": comm.barrier,
+        "agree": lambda: comm.agree(comm.rank == 1),
+    }
+    cpu, wall, results = {}, {}, {}
+    for name, call in late.items():
+        comm.barrier()
+        if comm.rank == 1:
+            time.sleep(WAIT_SECONDS)
+        c0, t0 = time.process_time(), time.perf_counter()
+        results[name] = call()
+        cpu[name], wall[name] = time.process_time() - c0, time.perf_counter() - t0
+    np.savez(
+        os.path.join(out, f"rank{comm.rank}.npz"),
+        names=list(late), cpu=[cpu[k] for k in late], wall=[wall[k] for k in late],
+        allreduce=results["allreduce"], broadcast=results["broadcast"], agree=results["agree"],
+    )  # fmt: skip
+
+
 SCENARIOS = {"grads": grads, "train": train, "bad": bad, "resume": resume, "nan": nan}
 SCENARIOS.update(slow=slow, finish=finish, reshard=reshard, grads_cuda=grads_cuda)
-SCENARIOS.update(grads_fake=grads_fake)
+SCENARIOS.update(grads_fake=grads_fake, waiting=waiting)
 
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], sys.argv[2]

@@ -338,15 +338,56 @@ def test_cli_two_ranks_real_small_model(tmp_path):
         ("device:", "data parallel:", "learning rate:"))]  # fmt: skip
     assert banner == [
         "device: cpu, gradients over MPI",
-        "data parallel: 2 ranks x 2 images per rank = effective batch 4",
-        "learning rate: 0.01 (the config's, for 2 images) x 2 ranks = 0.02 (linear scaling "
-        "rule); warm-up over 3 steps from 0.001 x 0.02 = 2e-05",
+        # the demo's batch (--quick: 2 images, lr 0.01) is shared by the ranks (launch.py)
+        "data parallel: 2 ranks x 1 image per rank = effective batch 2",
+        "learning rate: 0.005 (the config's, for 1 image) x 2 ranks = 0.01 (linear scaling "
+        "rule); warm-up over 3 steps from 0.001 x 0.01 = 1e-05",
     ]
-    assert done.stdout.count("training 3 steps") == 1  # rank 1 prints nothing
+    assert done.stdout.count("training 3 steps of 1 image per rank") == 1  # rank 1: silent
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert all(np.isfinite(float(r["total"])) for r in rows)
+
+
+@needs_mpi
+def test_a_rank_waiting_for_a_late_one_sleeps_instead_of_spinning(tmp_path):
+    """MPI's blocking collectives busy-poll: a rank that waits 0.5 s for a late one burns
+    0.5 s of CPU, which on shared cores is taken from the rank it waits for. Ours wait in a
+    non-blocking barrier with sleeps (distributed.wait_politely): rank 0 waits the whole
+    0.5 s at every collective but uses a small part of that in CPU time, and the
+    collectives still give the right answers."""
+    done = mpirun("waiting", tmp_path)
+    assert done.returncode == 0, done.stderr
+    got = np.load(tmp_path / "rank0.npz")
+    for name, cpu, wall in zip(got["names"], got["cpu"], got["wall"]):
+        assert wall > 0.8 * W.WAIT_SECONDS, name  # it did wait for rank 1
+        assert cpu < 0.25 * W.WAIT_SECONDS, (name, cpu)  # but mostly asleep
+    np.testing.assert_array_equal(got["allreduce"], np.full(1000, 1.5))  # mean of 1 and 2
+    np.testing.assert_array_equal(got["broadcast"], np.ones(10))  # rank 1's
+    assert bool(got["agree"])  # rank 1 said yes
+
+
+def test_wait_politely_polls_then_sleeps_with_a_growing_pause(monkeypatch):
+    from mrcnn_edu import distributed
+
+    class Request:
+        def __init__(self, ready_after: int):
+            self.calls, self.ready_after = 0, ready_after
+
+        def Test(self):
+            self.calls += 1
+            return self.calls > self.ready_after
+
+    pauses = []
+    monkeypatch.setattr(distributed.time, "sleep", pauses.append)
+    distributed.wait_politely(Request(0))  # ready at once: no sleep
+    assert pauses == []
+    monkeypatch.setattr(distributed, "_SPIN_SECONDS", 0.0)
+    distributed.wait_politely(Request(10))
+    assert pauses[0] == distributed._FIRST_SLEEP_SECONDS
+    assert pauses == sorted(pauses) and max(pauses) == distributed._MAX_SLEEP_SECONDS
+    assert all(b in (2 * a, distributed._MAX_SLEEP_SECONDS) for a, b in zip(pauses, pauses[1:]))
 
 
 # -- stopping the whole job, resuming with another world size -----------------------------------
