@@ -63,6 +63,7 @@ _ROI_HEADS_RULES = {
     "mask_size": at_least(1),
     "mask_channels": at_least(1),
     "mask_num_convs": at_least(1),
+    "mask_positives_per_image": at_least(1),
     "score_thresh": between(0, 1),
     "nms_thresh": between(0, 1),
     "detections_per_img": at_least(1),
@@ -91,6 +92,9 @@ class RoIHeadsConfig:
     aligned: bool = False  # torchvision's Mask R-CNN pools with aligned=False; Detectron2: True
     mask_channels: int = 256
     mask_num_convs: int = 4
+    # at most this many positive RoIs per image train the mask branch (a random subset, drawn
+    # with the sampler's generator); None: all of them, as in the paper and torchvision
+    mask_positives_per_image: int | None = None
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
@@ -308,7 +312,7 @@ class RoIHeads(Module):
         """The mask branch runs on the positive RoIs only."""
         xp = get_xp(sampled.rois[0])
         # index arrays, not boolean masks: one data-sized result (a GPU sync) per image
-        positive = [xp.flatnonzero(lab > 0) for lab in sampled.labels]
+        positive = [self._mask_positives(xp.flatnonzero(lab > 0)) for lab in sampled.labels]
         pos_rois = [r[p] for r, p in zip(sampled.rois, positive)]
         pos_labels = xp.concatenate([lab[p] for lab, p in zip(sampled.labels, positive)])
         mask_targets = self.mask_targets(
@@ -319,6 +323,15 @@ class RoIHeads(Module):
         mask_feats = self.mask_roi_pool(features, pos_rois, image_sizes)
         mask_logits = self.mask_predictor(self.mask_head(mask_feats))
         return maskrcnn_loss(mask_logits, pos_labels, mask_targets)
+
+    def _mask_positives(self, positive):
+        """The positives (indices into one image's sampled RoIs) that train the mask branch:
+        all of them, or a random ``mask_positives_per_image`` of them in their original order."""
+        cap = self.config.mask_positives_per_image
+        if cap is None or positive.size <= cap:
+            return positive
+        pick = np.sort(self.fg_bg_sampler.rng.permutation(int(positive.size))[:cap])
+        return positive[get_xp(positive).asarray(pick)]
 
     # -- inference -----------------------------------------------------------------------------
     def detect(self, features, proposals, image_sizes) -> list[dict]:

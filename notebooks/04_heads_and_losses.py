@@ -247,6 +247,11 @@ plt.show()
 #
 # $$L_{mask} = \frac{1}{P M^2} \sum_{i} \sum_{u,v}
 #   \mathrm{BCE}\big(m_{i,\,y_i,\,u,v},\ t_{i,u,v}\big)$$
+#
+# Here we use every positive, as the paper does. The small preset's training passes at most 8
+# positives per image to the mask branch (`mask_positives_per_image`, a random subset): the
+# mask head is the costliest part of a training step, and several positives often see the same
+# object.
 
 # %%
 mask_features = heads.mask_roi_pool(features, pos_rois, image_sizes)  # (P, C, 14, 14)

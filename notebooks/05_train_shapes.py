@@ -29,8 +29,9 @@
 # **Time.** With `MRCNN_EDU_QUICK=1` (the test suite) the run is 20 steps of 2 images on a tiny
 # dataset: it shows the machinery and the first fall of the losses, and the model predicts
 # nothing useful yet. Without it, 600 steps of 4 images take a few minutes on an idle 2-core CPU
-# (10 minutes on our busy one), and the model becomes a usable detector. `mrcnn-edu demo` (3000
-# steps of 4 images, about 12 minutes) is the run that reaches the README's numbers.
+# (10 minutes on our busy one), and the model becomes a usable detector. `mrcnn-edu demo` (2000
+# steps of 4 images, as two MPI ranks of 2 images on two cores, about 6 minutes) is the run that
+# reaches the README's numbers.
 
 # %%
 import csv

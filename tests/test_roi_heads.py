@@ -4,8 +4,9 @@ the feature gradients it hands back to the backbone, and the inference path."""
 import numpy as np
 import pytest
 
+from mrcnn_edu.config_checks import ConfigError
 from mrcnn_edu.mask_rcnn import MaskRCNN
-from mrcnn_edu.roi_heads import RoIHeads, RoIHeadsConfig
+from mrcnn_edu.roi_heads import RoIHeads, RoIHeadsConfig, maskrcnn_loss
 
 LEVELS = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
 IMAGE = (64, 64)
@@ -65,13 +66,15 @@ def test_training_forward_gives_the_three_losses_and_backward_the_pooled_levels(
         heads.backward()  # the gradients were handed out once
 
 
-def test_feature_gradients_match_finite_differences():
+@pytest.mark.parametrize("mask_cap", [None, 1])
+def test_feature_gradients_match_finite_differences(mask_cap):
     """``backward()`` returns d(classifier + box + mask loss)/d(features) of every pooled level,
     the mask and box branches summed (same sampled RoIs on every evaluation). A small and a
-    large object put RoIs on P2 and on P3; no RoI reaches P4 or P5, whose gradient is zero."""
+    large object put RoIs on P2 and on P3; no RoI reaches P4 or P5, whose gradient is zero.
+    With ``mask_positives_per_image`` = 1 the mask branch trains on one positive RoI."""
     rng = np.random.default_rng(1)
     size = (128, 128)
-    heads = small_heads()
+    heads = small_heads(mask_positives_per_image=mask_cap)
     feats = {
         name: rng.standard_normal((1, 2, size[0] // s, size[1] // s)) for name, s in LEVELS.items()
     }
@@ -118,6 +121,52 @@ def test_sampling_keeps_gt_boxes_and_caps_positives():
     pos = labels > 0
     decoded = heads.box_coder.decode(sampled.regression_targets[0][pos], rois[pos])
     np.testing.assert_allclose(decoded, target["boxes"][sampled.matched_idxs[0][pos]], atol=1e-6)
+
+
+def test_mask_branch_trains_on_a_random_subset_of_positives_when_capped():
+    """``mask_positives_per_image`` = 2: the mask loss is the BCE of 2 of the sampled positive
+    RoIs of each image, drawn at random (another generator state, other RoIs), while the box
+    branch still sees every sampled RoI."""
+    rng = np.random.default_rng(5)
+    target = one_target()
+    props = [proposals_near(target, rng, 60), proposals_near(target, rng, 60)]
+    feats = features(rng, n=2)
+    heads = small_heads(batch_size_per_image=40, mask_positives_per_image=2)
+    seen = []
+    real_targets = heads.mask_targets
+
+    def spy(pos_rois, pos_matched, targets):
+        seen.append((pos_rois, pos_matched))
+        return real_targets(pos_rois, pos_matched, targets)
+
+    heads.mask_targets = spy
+    chosen = []
+    for seed in (0, 1):
+        heads.fg_bg_sampler.rng = np.random.default_rng(seed)
+        sampled = heads.select_training_samples(props, [target, target])
+        heads.fg_bg_sampler.rng = np.random.default_rng(seed)
+        _, losses = heads(feats, props, [IMAGE, IMAGE], [target, target])
+        pos_rois, pos_matched = seen[-1]
+        for i in range(2):
+            positives = sampled.rois[i][sampled.labels[i] > 0]
+            assert len(positives) > 2 and len(pos_rois[i]) == 2
+            # each chosen RoI is one of this image's sampled positives
+            assert all((np.abs(positives - r).max(axis=1) == 0).any() for r in pos_rois[i])
+        logits = heads.mask_predictor(
+            heads.mask_head(heads.mask_roi_pool(feats, pos_rois, [IMAGE] * 2))
+        )
+        labels = np.concatenate([target["labels"][m] for m in pos_matched])
+        expected, _ = maskrcnn_loss(
+            logits, labels, real_targets(pos_rois, pos_matched, [target] * 2)
+        )
+        np.testing.assert_allclose(losses["loss_mask"], expected, rtol=1e-12)
+        chosen.append(np.concatenate(pos_rois))
+    assert not np.array_equal(chosen[0], chosen[1])
+
+
+def test_mask_positives_cap_must_be_positive():
+    with pytest.raises(ConfigError, match="mask_positives_per_image"):
+        RoIHeadsConfig(mask_positives_per_image=0)
 
 
 def test_inference_gives_mask_probabilities_of_the_predicted_class():
