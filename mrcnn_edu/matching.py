@@ -125,9 +125,8 @@ class BalancedPositiveNegativeSampler:
             )
             num_neg = min(int(negative.size), self.batch_size_per_image - num_pos)
 
-            # the permutation is drawn on the host so CPU and GPU runs sample the same anchors
-            pos_pick = positive[xp.asarray(self.rng.permutation(int(positive.size))[:num_pos])]
-            neg_pick = negative[xp.asarray(self.rng.permutation(int(negative.size))[:num_neg])]
+            pos_pick = self.random_subset(positive, num_pos)
+            neg_pick = self.random_subset(negative, num_neg)
 
             pos_mask = xp.zeros(labels_per_image.shape, dtype=bool)
             neg_mask = xp.zeros(labels_per_image.shape, dtype=bool)
@@ -136,3 +135,9 @@ class BalancedPositiveNegativeSampler:
             pos_masks.append(pos_mask)
             neg_masks.append(neg_mask)
         return pos_masks, neg_masks
+
+    def random_subset(self, indices, k: int):
+        """``k`` elements of the 1-D array ``indices`` drawn at random, in the order drawn. The
+        permutation is drawn on the host, so CPU and GPU runs pick the same elements."""
+        xp = get_xp(indices)
+        return indices[xp.asarray(self.rng.permutation(int(indices.size))[:k])]

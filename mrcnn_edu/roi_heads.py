@@ -330,8 +330,8 @@ class RoIHeads(Module):
         cap = self.config.mask_positives_per_image
         if cap is None or positive.size <= cap:
             return positive
-        pick = np.sort(self.fg_bg_sampler.rng.permutation(int(positive.size))[:cap])
-        return positive[get_xp(positive).asarray(pick)]
+        # positive is increasing, so sorting the picked indices restores the original order
+        return get_xp(positive).sort(self.fg_bg_sampler.random_subset(positive, cap))
 
     # -- inference -----------------------------------------------------------------------------
     def detect(self, features, proposals, image_sizes) -> list[dict]:
