@@ -148,8 +148,15 @@ class MpiCommunicator(Communicator):
     def abort(self, err: BaseException) -> None:
         sys.stderr.write(failure_message(self.rank, self.world_size, err))
         sys.stderr.flush()
+        # The launcher forwards a rank's stderr and its abort request on separate channels;
+        # aborting at once can end mpiexec before the message above reaches the terminal
+        # (seen about once in eight runs with MPICH's Hydra). A moment's pause lets it through.
+        time.sleep(_ABORT_GRACE_SECONDS)
         self.comm.Abort(1)
 
+
+# abort: how long a failing rank waits after writing its message before ending the job.
+_ABORT_GRACE_SECONDS = 0.5
 
 # wait_politely: poll at full speed for this long (a partner that is nearly there costs no
 # sleep), then sleep between polls, doubling the pause up to the cap.
