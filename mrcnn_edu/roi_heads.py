@@ -280,7 +280,7 @@ class RoIHeads(Module):
         pixel j covers [j, j+1), and ``paste_masks_in_image`` puts the predicted masks back with
         that same pixel-centre model. With ``aligned=False`` targets, a perfectly learned mask
         comes back shifted by about half a pixel, which caps segm AP on the demo's shapes at
-        0.90 (notebook 06 measures this ceiling)."""
+        0.90 with 28x28 masks and 0.93 with 14x14 (notebook 06 measures this ceiling)."""
         m = self.config.mask_size
         out = []
         for rois, matched, tgt in zip(pos_rois, pos_matched, targets):

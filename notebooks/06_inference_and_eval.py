@@ -47,7 +47,7 @@ QUICK = os.environ.get("MRCNN_EDU_QUICK") == "1"
 # %% [markdown]
 # ## A model to evaluate
 #
-# `mrcnn-edu demo` trains the small model for 3000 steps and writes its run folder, `runs/demo`,
+# `mrcnn-edu demo` trains the small model for 2000 steps and writes its run folder, `runs/demo`,
 # with `config.json` (model, training and data settings) and `last.npz` (the weights). If that
 # folder exists (here or one level up, for a notebook opened from `notebooks/`) we load it and
 # evaluate on its held-out split. Otherwise we train right here: chapter 5's 600 steps (a few
@@ -163,28 +163,30 @@ plt.show()
 # ## 3. Masks for the detections
 #
 # The mask head now runs on the final boxes (not on the proposals: fewer and better boxes). Of
-# its $K$ masks per box we take the predicted class's, apply the sigmoid, and paste the 28 × 28
-# probabilities into the image by bilinear resampling; the pasted probabilities are then
-# thresholded at 0.5.
+# its $K$ masks per box we take the predicted class's, apply the sigmoid, and paste the model's
+# $m \times m$ probabilities (14 × 14 in the demo preset, 28 × 28 in the paper) into the image
+# by bilinear resampling; the pasted probabilities are then thresholded at 0.5.
 
 # %%
+m = rh.mask_size  # the model's masks are m x m
 d = len(boxes)
 if d:
     mask_logits = heads.mask_predictor(
         heads.mask_head(heads.mask_roi_pool(features, [boxes, boxes[:0]], image_sizes))
-    )  # image 0's detections only: (D, K, 28, 28)
+    )  # image 0's detections only: (D, K, m, m)
     mask_probs = sigmoid(mask_logits[np.arange(d), labels - 1])  # the predicted class's channel
 else:  # nothing detected (a barely trained model): no RoIs for the mask head
-    mask_probs = np.zeros((0, 28, 28), np.float32)
+    mask_probs = np.zeros((0, m, m), np.float32)
 pasted = paste_masks_in_image(mask_probs, boxes, image_sizes[0], threshold=None)  # probabilities
 binary = paste_masks_in_image(mask_probs, boxes, image_sizes[0], threshold=0.5)  # uint8
-print(f"{d} detections -> masks (D, K, 28, 28) -> pasted", pasted.shape, "-> binary", binary.shape)
+print(f"{d} detections -> masks (D, K, {m}, {m}) -> pasted", pasted.shape,
+      "-> binary", binary.shape)  # fmt: skip
 
 if d:
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
     x1, y1, x2, y2 = boxes[0]
     axes[0].imshow(mask_probs[0], cmap="viridis", vmin=0, vmax=1)
-    axes[0].set_title(f"28 × 28 mask of the best box ({class_names[labels[0] - 1]})", fontsize=9)
+    axes[0].set_title(f"{m} × {m} mask of the best box ({class_names[labels[0] - 1]})", fontsize=9)
     extent = (0, image_sizes[0][1], image_sizes[0][0], 0)  # pixel edges on integer coordinates
     axes[1].imshow(pasted[0], cmap="viridis", vmin=0, vmax=1, extent=extent)
     draw_boxes(axes[1], boxes[:1], "white")
@@ -262,14 +264,14 @@ print(f"mean of the per-class segm AP: {segm_mean:.3f} (overall: {metrics['segm'
 # How to read this depends on the model. A model trained for a few steps here (the quick path)
 # scores near zero: its boxes barely overlap the objects and its classes are guesses. That is the
 # expected result of a 20-step run, not a measurement of the method. For scale: the 600-step
-# model of chapter 5's full run scored, when we ran it, segm AP 0.57 (AP50 0.83) and bbox AP
-# 0.61 on the 200 held-out images; the demo's model is trained 3000 steps, and
-# `mrcnn-edu demo` prints its table. Masks score a little below boxes, since a mask must match
-# pixel by pixel.
+# model of chapter 5's full run scored, when we ran it with an earlier preset (28 × 28 masks, on
+# every positive), segm AP 0.57 (AP50 0.83) and bbox AP 0.61 on the 200 held-out images; the
+# demo's model is trained 2000 steps, and `mrcnn-edu demo` prints its table. Masks score a
+# little below boxes, since a mask must match pixel by pixel.
 #
 # **What a perfect model would score.** As a check of the evaluation, and to see the ceiling set
 # by the mask representation, we evaluate two "oracle" predictions built from the ground truth:
-# the GT masks themselves, and the GT masks squeezed through the model's 28 × 28 mask
+# the GT masks themselves, and the GT masks squeezed through the model's $m \times m$ mask
 # representation -- RoIAligned onto the GT box as in training, then pasted back as at test
 # time -- once with `aligned=False` (torchvision's choice) and once with `aligned=True` (what
 # `RoIHeads.mask_targets` uses, Detectron2's choice):
@@ -284,24 +286,25 @@ def oracle(items, aligned=None):
             rows = np.concatenate(
                 [np.arange(len(masks), dtype=np.float32)[:, None], it["boxes"]], axis=1
             )
-            t = roi_align(masks[:, None].astype(np.float32), rows, 28, 1.0, -1, aligned)[:, 0]
+            t = roi_align(masks[:, None].astype(np.float32), rows, m, 1.0, -1, aligned)[:, 0]
             masks = paste_masks_in_image(np.clip(t, 0, 1), it["boxes"], masks.shape[1:], 0.5)
         preds.append({"boxes": it["boxes"], "labels": it["labels"], "masks": masks,
                       "scores": np.ones(len(it["labels"]))})  # fmt: skip
     return predictions_to_coco_results(preds, image_ids, val_set.label_to_category_id)
 
 
-for title, aligned in [("GT masks", None), ("28x28, aligned=False", False),
-                       ("28x28, aligned=True", True)]:  # fmt: skip
+for title, aligned in [("GT masks", None), (f"{m}x{m}, aligned=False", False),
+                       (f"{m}x{m}, aligned=True", True)]:  # fmt: skip
     oracle_results = oracle(eval_items, aligned)
-    m = evaluate_coco(ground_truth, oracle_results, ("segm",), False, image_ids)["segm"]
-    print(f"{title:22s} segm AP {m['AP']:.3f}  AP75 {m['AP75']:.3f}  AP50 {m['AP50']:.3f}")
+    ap = evaluate_coco(ground_truth, oracle_results, ("segm",), False, image_ids)["segm"]
+    print(f"{title:22s} segm AP {ap['AP']:.3f}  AP75 {ap['AP75']:.3f}  AP50 {ap['AP50']:.3f}")
 
 # %% [markdown]
-# The ground truth scores 1.000: the evaluation itself is right. The 28 × 28 representation
-# itself costs nothing measurable on these shapes (with `aligned=True` every round-tripped mask
-# keeps an IoU above 0.95 with the original, so even AP at IoU 0.95 is 1). With `aligned=False`
-# targets the pasted masks come back about half a pixel up and to the left (chapter 4, §5),
-# which costs AP at the strict IoU thresholds even for a perfect head: on the 200 held-out
-# images this ceiling is segm AP 0.900 with `aligned=False` against 1.000 with `aligned=True`.
-# That is why our mask targets are made with `aligned=True`.
+# The ground truth scores 1.000: the evaluation itself is right. The mask representation itself
+# costs almost nothing on these shapes. On the 200 held-out images with `aligned=True`, every
+# mask round-tripped at 28 × 28 keeps an IoU above 0.95 with the original, so even AP at IoU
+# 0.95 is 1; at 14 × 14, 3 of the 512 masks, large objects where a cell spans about 4 pixels,
+# fall below 0.95 (segm AP 0.999). With `aligned=False` targets the pasted masks come back a
+# third to a half pixel up and to the left (chapter 4, §5), which costs AP at the strict IoU
+# thresholds even for a perfect head: this ceiling is segm AP 0.900 at 28 × 28 and 0.931 at
+# 14 × 14. That is why our mask targets are made with `aligned=True`.
