@@ -1,6 +1,6 @@
 """The main job: train Mask R-CNN on synthetic shapes, evaluate it the COCO way, draw pictures.
 
-    mrcnn-edu demo                 # about 6 minutes on 2 CPU cores, as 2 MPI ranks
+    mrcnn-edu demo                 # about 3 minutes on 2 CPU cores, as 2 MPI ranks
     mrcnn-edu demo --quick         # a 1-minute smoke run (the numbers will be poor)
 
 Steps: generate a seeded training set and a held-out set of shapes images (circles, squares,
