@@ -326,6 +326,8 @@ class GradientBuckets:
     The params are grouped, in order, into buckets of at most ``bucket_bytes`` (one dtype per
     bucket; a larger param gets a bucket of its own). :meth:`allreduce_mean_` copies each
     bucket's gradients into one flat buffer, averages it over the ranks and copies it back.
+    A ``header`` (a short vector: the Trainer's failure flag and losses) rides at the front of
+    the first bucket's buffer, so it is averaged in the same message, in that bucket's dtype.
     """
 
     def __init__(self, params, bucket_bytes: int = BUCKET_BYTES):
@@ -343,21 +345,30 @@ class GradientBuckets:
             self.buckets.append(current)
         self._buffers = [None] * len(self.buckets)
 
-    def allreduce_mean_(self, comm: Communicator) -> None:
+    def allreduce_mean_(self, comm: Communicator, header=None) -> None:
+        """Average every gradient over the ranks, and ``header`` (1-d, on the gradients'
+        device) in place with the first bucket."""
         if comm.world_size == 1:
             return
+        if not self.buckets and header is not None:  # a model without parameters
+            comm.allreduce_mean_(header)
         for i, bucket in enumerate(self.buckets):
             xp = get_xp(bucket[0].grad)
-            if self._buffers[i] is None:
-                total = sum(p.grad.size for p in bucket)
+            extra = 0 if header is None or i > 0 else header.size
+            total = extra + sum(p.grad.size for p in bucket)
+            if self._buffers[i] is None or self._buffers[i].size != total:
                 self._buffers[i] = xp.empty(total, dtype=bucket[0].grad.dtype)
             flat = self._buffers[i]
-            offset = 0
+            if extra:
+                flat[:extra] = header
+            offset = extra
             for p in bucket:
                 flat[offset : offset + p.grad.size] = p.grad.ravel()
                 offset += p.grad.size
             comm.allreduce_mean_(flat)
-            offset = 0
+            if extra:
+                header[...] = flat[:extra]
+            offset = extra
             for p in bucket:
                 p.grad[...] = flat[offset : offset + p.grad.size].reshape(p.grad.shape)
                 offset += p.grad.size

@@ -56,7 +56,6 @@ from .train_guards import (
     TrainingDiverged,
     check_finite_gradients,
     check_model_and_dataset,
-    finite_total,
     interrupts_deferred,
     sigterm_as_interrupt,
     stop_message,
@@ -300,10 +299,9 @@ class Trainer(TrainerState, TrainerParallel):
         lr = self.optimizer.lr
 
         self.model.zero_grad()
-        losses = self._forward_losses(images, targets, step)  # several ranks: their mean
-        total = finite_total(step, losses)  # or TrainingDiverged, before anything changes
-        self.model.backward()
-        self._average_gradients()  # several ranks: every rank now holds the mean gradient
+        # several ranks: the mean losses, and every rank now holds the mean gradient; a
+        # non-finite loss raises TrainingDiverged here, before anything changes
+        losses, total = self._forward_backward(images, targets, step)
         check_finite_gradients(step, self.model)
 
         log = self._open_log() if self.comm.is_root else None

@@ -9,10 +9,12 @@ is exactly what it was. With ``W`` ranks (``distributed.MpiCommunicator``, or
   rank 0's parameters are broadcast (every rank starts from the same model);
 - the learning rate is ``config.lr * W`` (linear scaling rule: ``lr`` is the rate for
   ``batch_size`` images, and the effective batch is ``W * batch_size``);
-- after ``forward`` the losses are averaged over the ranks (the logged loss is that of the
-  whole batch; a NaN on any rank makes the mean NaN on all, so the NaN guard stops every rank at
-  the same step; on GPUs they are averaged there and come to the host in one transfer); after
-  ``backward`` the gradients are averaged (``GradientBuckets``, on the device under NCCL);
+- the losses and the gradients are averaged over the ranks in one all-reduce per step, the
+  losses (and a flag for a forward that met non-finite features) in front of the gradients
+  (``GradientBuckets``, on the device under NCCL; the logged loss is that of the whole batch;
+  a NaN on any rank makes the mean NaN on all, so the NaN guard stops every rank at the same
+  step, before any parameter changes). The first step learns the losses' names with three
+  separate collectives (``_forward_losses``, then the gradients);
 - Ctrl-C and SIGTERM only set a flag; after each step the ranks ``agree`` and all stop together;
 - any other exception on one rank aborts the job (``Communicator.abort``) with its rank and
   message, instead of leaving the others waiting in their next collective;
@@ -29,7 +31,7 @@ import threading
 
 import numpy as np
 
-from .backend import check_device, is_device_array, to_device, to_host
+from .backend import check_device, get_xp, is_device_array, to_device, to_host
 from .distributed import (
     GradientBuckets,
     SingleProcess,
@@ -38,7 +40,13 @@ from .distributed import (
     rank_seeds,
 )
 from .nn.utils import NonFiniteError
-from .train_guards import TrainingDiverged, TrainingTerminated, loss_dict, loss_vector
+from .train_guards import (
+    TrainingDiverged,
+    TrainingTerminated,
+    finite_total,
+    loss_dict,
+    loss_vector,
+)
 
 
 def images_word(n: int) -> str:
@@ -59,6 +67,7 @@ class TrainerParallel:
         if self.device is not None:
             self.model.to(self.device)
         self._buckets = GradientBuckets(self.model.parameters())
+        self._loss_names: tuple[str, ...] | None = None  # learnt at the first step
         self._signals: list[int] = []
         broadcast_parameters(self.model, self.comm)
 
@@ -123,6 +132,56 @@ class TrainerParallel:
 
     def _average_gradients(self) -> None:
         self._buckets.allreduce_mean_(self.comm)
+
+    def _forward_backward(self, images, targets, step: int) -> tuple[dict[str, float], float]:
+        """Forward, the loss check, backward and, with several ranks, the averaging of the
+        losses and gradients: ``(losses, total)``, both the mean over the ranks.
+
+        The ranks meet once per step: the losses (and a flag for a forward that met non-finite
+        features) ride in front of the gradients in one all-reduce (``GradientBuckets``). Every
+        rank therefore runs its backward before it knows whether another rank's losses are
+        finite; a NaN anywhere makes the mean NaN everywhere, and every rank raises the same
+        TrainingDiverged before any parameter changes. The first step of a run (and of a
+        resumed one) meets three times instead, to learn the names of the losses: the vector
+        must have the same length on a rank whose forward failed.
+        """
+        if self.comm.world_size == 1 or self._loss_names is None:
+            losses = self._forward_losses(images, targets, step)
+            total = finite_total(step, losses)
+            self.model.backward()
+            self._average_gradients()
+            self._loss_names = tuple(losses)
+            return losses, total
+        names, failed = self._loss_names, None
+        try:
+            raw = self.model.forward(images, targets)
+        except NonFiniteError as err:
+            failed = err
+        if failed is None:
+            if tuple(raw) != names:
+                raise ValueError(
+                    f"the model returned the losses {list(raw)} at step {step}, but "
+                    f"{list(names)} before; with several ranks every step must return the same "
+                    "losses in the same order (they are averaged as one vector)"
+                )
+            values = loss_vector(raw)
+            self.model.backward()
+        else:
+            values = np.full(len(names), np.nan)
+        if self.device is not None and not is_device_array(values):
+            values = to_device(values, self.device)
+        elif self.device is None:
+            values = to_host(values)
+        xp = get_xp(values)
+        header = xp.concatenate([xp.full(1, float(failed is not None)), values.astype(xp.float64)])
+        self._buckets.allreduce_mean_(self.comm, header=header)
+        header = to_host(header)  # one transfer for the flag and every loss
+        if header[0] > 0:
+            where = f"a feature map of the forward (rank {self.comm.rank}: {failed})"
+            raise _agreed(TrainingDiverged(step, where if failed else "a feature map of the "
+                                           "forward on another rank", np.nan))  # fmt: skip
+        losses = dict(zip(names, (float(v) for v in header[1:])))
+        return losses, finite_total(step, losses)
 
     @contextlib.contextmanager
     def _interrupts_flagged(self):

@@ -73,19 +73,13 @@ def grads(comm, out: str, make_model=float64_model, device=None) -> None:
     model = make_model(seed=comm.rank)
     trainer = Trainer(model, float64_squares(), toy_config(out), comm=comm, device=device)
     saved = {}
-    for step in range(K_STEPS):
-        trainer.model.zero_grad()
-        images, targets = trainer._next_batch()
-        trainer._forward_losses(images, targets, step + 1)
-        trainer.model.backward()
-        trainer._average_gradients()
+    for step in range(K_STEPS):  # the first step meets three times, the others once
+        trainer.train_step()  # the averaged gradient stays in p.grad until the next step
         if device is not None:  # the buckets were averaged where the gradients are
             assert all(is_device_array(b) for b in trainer._buckets._buffers), device
         if step == 0:
             grads = {k: p.grad for k, p in trainer.model.named_parameters()}
             saved.update({f"grad/{k}": np.array(to_host(g)) for k, g in grads.items()})  # copies
-        trainer.optimizer.step()
-        trainer.scheduler.step()
     saved.update({f"param/{k}": to_host(v) for k, v in trainer.model.state_dict().items()})
     np.savez(os.path.join(out, f"rank{comm.rank}.npz"), **saved)
 

@@ -28,7 +28,9 @@ from mrcnn_edu.distributed import (
     rank_seeds,
     shard,
 )
+from mrcnn_edu.nn.utils import NonFiniteError
 from mrcnn_edu.train import Trainer
+from mrcnn_edu.train_guards import TrainingDiverged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
@@ -70,22 +72,24 @@ def reference(
     out_dir: str, steps: int, make_model=W.float64_model, world: int = 2
 ) -> tuple[dict, dict]:
     """(mean over the ``world`` ranks' local gradients at step 1, parameters after ``steps``
-    SGD steps each taken with the mean gradient), in one process."""
+    SGD steps each taken with the mean gradient, each step's mean total loss), in one
+    process."""
     cfg = W.toy_config(out_dir)
     ranks = [
         Trainer(make_model(0), W.float64_squares(), cfg, comm=LocalRank(r, world))
         for r in range(world)
     ]
-    first = {}
+    first, totals = {}, []
     for step in range(steps):
-        local = []
+        local, total = [], 0.0
         for t in ranks:
             t.model.load_state_dict(ranks[0].model.state_dict())
             t.model.zero_grad()
             images, targets = t._next_batch()
-            t._forward_losses(images, targets, step + 1)
+            total += sum(t._forward_losses(images, targets, step + 1).values()) / world
             t.model.backward()
             local.append({k: p.grad.copy() for k, p in t.model.named_parameters()})
+        totals.append(total)
         mean = {k: sum(g[k] for g in local) / world for k in local[0]}
         if step == 0:
             first = mean
@@ -93,10 +97,90 @@ def reference(
             p.grad[...] = mean[k]
         ranks[0].optimizer.step()
         ranks[0].scheduler.step()
-    return first, ranks[0].model.state_dict()
+    return first, ranks[0].model.state_dict(), totals
 
 
 # -- without MPI --------------------------------------------------------------------------------
+class EchoRanks(SingleProcess):
+    """Rank 0 of 2 whose partner brings exactly its numbers (so every mean is the value
+    itself), recording each collective the Trainer calls."""
+
+    def __init__(self):
+        self.rank, self.world_size, self.calls = 0, 2, []
+
+    def allreduce_mean_(self, buffer):
+        self.calls.append(("allreduce", buffer.size))
+        return buffer
+
+    def agree(self, flag: bool) -> bool:
+        self.calls.append(("agree", 1))
+        return bool(flag)
+
+
+class RefusesNaNAt(ToyModel):
+    """Its ``fail_at``-th forward meets features an op refuses (NonFiniteError)."""
+
+    def __init__(self, fail_at: int, **kw):
+        super().__init__(**kw)
+        self.fail_at = fail_at
+
+    def forward(self, images, targets):
+        losses = super().forward(images, targets)
+        if self.calls == self.fail_at:
+            raise NonFiniteError("the toy's features hold NaN")
+        return losses
+
+
+def test_after_the_first_step_the_ranks_meet_once_per_step(tmp_path):
+    comm = EchoRanks()
+    cfg = W.toy_config(str(tmp_path), max_steps=4, batch_size=2)
+    trainer = Trainer(ToyModel(seed=0), ToySquares(10), cfg, comm=comm)
+    comm.calls.clear()
+    first = trainer.train_step()
+    assert [kind for kind, _ in comm.calls] == ["agree", "allreduce", "allreduce"]
+    comm.calls.clear()
+    second = trainer.train_step()
+    gradients = sum(p.grad.size for p in trainer.model.parameters())
+    # one message: the failure flag, the losses, every gradient
+    assert comm.calls == [("allreduce", 1 + len(second) + gradients)]
+    assert list(second) == list(first) and all(np.isfinite(list(second.values())))
+
+
+class ExtraLossAt(ToyModel):
+    """Returns one more loss from its ``at``-th forward on."""
+
+    def __init__(self, at: int, **kw):
+        super().__init__(**kw)
+        self.at = at
+
+    def forward(self, images, targets):
+        losses = super().forward(images, targets)
+        return {**losses, "loss_extra": 0.0} if self.calls >= self.at else losses
+
+
+def test_losses_that_change_between_steps_are_refused_with_several_ranks(tmp_path):
+    cfg = W.toy_config(str(tmp_path), max_steps=4, batch_size=2)
+    trainer = Trainer(ExtraLossAt(at=2, seed=0), ToySquares(10), cfg, comm=EchoRanks())
+    trainer.train_step()
+    with pytest.raises(ValueError, match="'loss_extra'.*every step must return the same"):
+        trainer.train_step()  # the vectors would not line up across the ranks
+
+
+def test_a_forward_refusing_nan_after_the_first_step_stops_every_rank_together(tmp_path):
+    comm = EchoRanks()
+    cfg = W.toy_config(str(tmp_path), max_steps=4, batch_size=2)
+    trainer = Trainer(RefusesNaNAt(fail_at=2, seed=0), ToySquares(10), cfg, comm=comm)
+    trainer.train_step()
+    before = {k: v.copy() for k, v in trainer.model.state_dict().items()}
+    comm.calls.clear()
+    with pytest.raises(TrainingDiverged, match="rank 0: the toy's features hold NaN") as err:
+        trainer.train_step()
+    assert err.value.step == 2 and err.value.agreed
+    assert [kind for kind, _ in comm.calls] == ["allreduce"]  # it still joined the step's message
+    after = trainer.model.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before) and trainer.step == 1
+
+
 def test_shard_is_distributed_sampler():
     order = np.array([7, 3, 9, 1, 0, 5, 2])
     assert shard(order, 0, 1) is order
@@ -187,7 +271,7 @@ def test_averaged_gradients_and_parameters_match_one_process(tmp_path):
     done = mpirun("grads", tmp_path)
     assert done.returncode == 0, done.stderr
     rank0, rank1 = (dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1))
-    first, params = reference(str(tmp_path / "ref"), W.K_STEPS)
+    first, params, totals = reference(str(tmp_path / "ref"), W.K_STEPS)
     for k, g in first.items():
         assert g.dtype == np.float64 and np.abs(g).max() > 0
         for got in (rank0, rank1):
@@ -195,6 +279,11 @@ def test_averaged_gradients_and_parameters_match_one_process(tmp_path):
     for k, p in params.items():
         assert np.array_equal(rank0[f"param/{k}"], rank1[f"param/{k}"]), f"{k}: ranks differ"
         np.testing.assert_allclose(rank0[f"param/{k}"], p, rtol=0, atol=1e-10, err_msg=k)
+    # the logged loss of every step is the mean over the ranks: step 1 averages the losses in
+    # an all-reduce of their own, later steps in front of the gradients (one message a step)
+    with open(tmp_path / "log.csv") as f:
+        logged = [float(r["total"]) for r in csv.DictReader(f)]
+    np.testing.assert_allclose(logged, totals, rtol=1e-12)
 
 
 @needs_mpi
@@ -202,7 +291,7 @@ def test_averaged_gradients_on_a_device_match_one_process(tmp_path):
     """The same with the model on the (fake) device: losses and gradient buckets live there."""
     done = mpirun("grads_fake", tmp_path)
     assert done.returncode == 0, done.stderr
-    first, params = reference(str(tmp_path / "ref"), W.K_STEPS, W.float64_regressor)
+    first, params, _ = reference(str(tmp_path / "ref"), W.K_STEPS, W.float64_regressor)
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1)]
     for k, g in first.items():
         assert np.abs(g).max() > 0
@@ -480,7 +569,7 @@ def test_nccl_training_step_matches_the_cpu_reference(tmp_path):
            "grads_cuda", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    first, params = reference(str(tmp_path / "ref"), W.K_STEPS, W.float64_regressor, world=n)
+    first, params, _ = reference(str(tmp_path / "ref"), W.K_STEPS, W.float64_regressor, world=n)
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(n)]
     for k, g in first.items():
         for got in ranks:
