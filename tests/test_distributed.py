@@ -28,7 +28,6 @@ from mrcnn_edu.distributed import (
     rank_seeds,
     shard,
 )
-from mrcnn_edu.nn.utils import NonFiniteError
 from mrcnn_edu.train import Trainer
 from mrcnn_edu.train_guards import TrainingDiverged
 
@@ -37,7 +36,7 @@ BIN = os.path.dirname(sys.executable)
 MPIEXEC = shutil.which("mpiexec", path=BIN) or shutil.which("mpiexec")
 sys.path.insert(0, HERE)
 import mpi_worker as W  # noqa: E402
-from test_train import ToyModel, ToySquares  # noqa: E402
+from test_train import FailingModel, ToyModel, ToySquares  # noqa: E402
 
 
 def _mpi_missing() -> str | None:
@@ -117,20 +116,6 @@ class EchoRanks(SingleProcess):
         return bool(flag)
 
 
-class RefusesNaNAt(ToyModel):
-    """Its ``fail_at``-th forward meets features an op refuses (NonFiniteError)."""
-
-    def __init__(self, fail_at: int, **kw):
-        super().__init__(**kw)
-        self.fail_at = fail_at
-
-    def forward(self, images, targets):
-        losses = super().forward(images, targets)
-        if self.calls == self.fail_at:
-            raise NonFiniteError("the toy's features hold NaN")
-        return losses
-
-
 def test_after_the_first_step_the_ranks_meet_once_per_step(tmp_path):
     comm = EchoRanks()
     cfg = W.toy_config(str(tmp_path), max_steps=4, batch_size=2)
@@ -146,21 +131,9 @@ def test_after_the_first_step_the_ranks_meet_once_per_step(tmp_path):
     assert list(second) == list(first) and all(np.isfinite(list(second.values())))
 
 
-class ExtraLossAt(ToyModel):
-    """Returns one more loss from its ``at``-th forward on."""
-
-    def __init__(self, at: int, **kw):
-        super().__init__(**kw)
-        self.at = at
-
-    def forward(self, images, targets):
-        losses = super().forward(images, targets)
-        return {**losses, "loss_extra": 0.0} if self.calls >= self.at else losses
-
-
 def test_losses_that_change_between_steps_are_refused_with_several_ranks(tmp_path):
     cfg = W.toy_config(str(tmp_path), max_steps=4, batch_size=2)
-    trainer = Trainer(ExtraLossAt(at=2, seed=0), ToySquares(10), cfg, comm=EchoRanks())
+    trainer = Trainer(FailingModel(2, "extra_loss", seed=0), ToySquares(10), cfg, comm=EchoRanks())
     trainer.train_step()
     with pytest.raises(ValueError, match="'loss_extra'.*every step must return the same"):
         trainer.train_step()  # the vectors would not line up across the ranks
@@ -169,7 +142,7 @@ def test_losses_that_change_between_steps_are_refused_with_several_ranks(tmp_pat
 def test_a_forward_refusing_nan_after_the_first_step_stops_every_rank_together(tmp_path):
     comm = EchoRanks()
     cfg = W.toy_config(str(tmp_path), max_steps=4, batch_size=2)
-    trainer = Trainer(RefusesNaNAt(fail_at=2, seed=0), ToySquares(10), cfg, comm=comm)
+    trainer = Trainer(FailingModel(2, "refuse", seed=0), ToySquares(10), cfg, comm=comm)
     trainer.train_step()
     before = {k: v.copy() for k, v in trainer.model.state_dict().items()}
     comm.calls.clear()

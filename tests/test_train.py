@@ -21,6 +21,7 @@ from mrcnn_edu import weights
 from mrcnn_edu.nn import layers as L
 from mrcnn_edu.nn.losses import smooth_l1, softmax_cross_entropy
 from mrcnn_edu.nn.module import Module
+from mrcnn_edu.nn.utils import NonFiniteError
 from mrcnn_edu.train import (
     TRAJECTORY_FIELDS,
     TrainConfig,
@@ -98,7 +99,9 @@ class ToyModel(Module):
 
 
 class FailingModel(ToyModel):
-    """Raises KeyboardInterrupt, or returns a NaN loss, on its ``fail_at``-th forward call."""
+    """On its ``fail_at``-th forward call: raises KeyboardInterrupt (``how="interrupt"``) or
+    NonFiniteError (``"refuse"``, an op refusing NaN features), or returns a NaN loss
+    (``"nan"``); with ``"extra_loss"``, returns one more loss from that call on."""
 
     def __init__(self, fail_at: int, how: str, **kw):
         super().__init__(**kw)
@@ -106,9 +109,13 @@ class FailingModel(ToyModel):
 
     def forward(self, images, targets):
         losses = super().forward(images, targets)
+        if self.how == "extra_loss" and self.calls >= self.fail_at:
+            return {**losses, "loss_extra": 0.0}
         if self.calls == self.fail_at:
             if self.how == "interrupt":
                 raise KeyboardInterrupt
+            if self.how == "refuse":
+                raise NonFiniteError("the toy's features hold NaN")
             losses["loss_box"] = float("nan")
         return losses
 
