@@ -117,9 +117,7 @@ class TrainerParallel:
         except NonFiniteError as err:
             failed = err
         if self.comm.agree(failed is not None):
-            where = f"a feature map of the forward (rank {self.comm.rank}: {failed})"
-            raise _agreed(TrainingDiverged(step, where if failed else "a feature map of the "
-                                           "forward on another rank", np.nan))  # fmt: skip
+            raise self._forward_diverged(step, failed)
         # one vector of losses, averaged where the transport works (NCCL: on the GPU), then
         # brought to the host in one transfer
         values = loss_vector(losses)
@@ -130,8 +128,13 @@ class TrainerParallel:
         self.comm.allreduce_mean_(values)
         return dict(zip(losses, (float(v) for v in to_host(values))))
 
-    def _average_gradients(self) -> None:
-        self._buckets.allreduce_mean_(self.comm)
+    def _forward_diverged(self, step: int, failed: NonFiniteError | None) -> TrainingDiverged:
+        """The TrainingDiverged every rank raises when some rank's forward met features an op
+        refuses: naming this rank's error, or saying it was another rank's."""
+        where = f"a feature map of the forward (rank {self.comm.rank}: {failed})"
+        if failed is None:
+            where = "a feature map of the forward on another rank"
+        return _agreed(TrainingDiverged(step, where, np.nan))
 
     def _forward_backward(self, images, targets, step: int) -> tuple[dict[str, float], float]:
         """Forward, the loss check, backward and, with several ranks, the averaging of the
@@ -149,7 +152,7 @@ class TrainerParallel:
             losses = self._forward_losses(images, targets, step)
             total = finite_total(step, losses)
             self.model.backward()
-            self._average_gradients()
+            self._buckets.allreduce_mean_(self.comm)
             self._loss_names = tuple(losses)
             return losses, total
         names, failed = self._loss_names, None
@@ -177,9 +180,7 @@ class TrainerParallel:
         self._buckets.allreduce_mean_(self.comm, header=header)
         header = to_host(header)  # one transfer for the flag and every loss
         if header[0] > 0:
-            where = f"a feature map of the forward (rank {self.comm.rank}: {failed})"
-            raise _agreed(TrainingDiverged(step, where if failed else "a feature map of the "
-                                           "forward on another rank", np.nan))  # fmt: skip
+            raise self._forward_diverged(step, failed)
         losses = dict(zip(names, (float(v) for v in header[1:])))
         return losses, finite_total(step, losses)
 

@@ -69,7 +69,7 @@ class LocalRank(SingleProcess):
 
 def reference(
     out_dir: str, steps: int, make_model=W.float64_model, world: int = 2
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, list[float]]:
     """(mean over the ``world`` ranks' local gradients at step 1, parameters after ``steps``
     SGD steps each taken with the mean gradient, each step's mean total loss), in one
     process."""
