@@ -1,4 +1,5 @@
-"""Shared timing helper of the benchmark scripts (run them as ``python benchmarks/bench_x.py``)."""
+"""Shared helpers of the benchmark scripts (run them as ``python benchmarks/bench_x.py``): the
+median timer, and which BLAS (library, kernel, threads) the figures were measured with."""
 
 from __future__ import annotations
 
@@ -23,3 +24,29 @@ def median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def blas_info() -> str:
+    """``openblas 0.3.31 SkylakeX threads=2``-style description of the loaded BLAS libraries."""
+    import numpy  # noqa: F401 -- threadpoolctl finds only libraries already loaded
+
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed (threads set by environment variables)"
+    return "; ".join(
+        f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} "
+        f"threads={i.get('num_threads')}"
+        for i in threadpool_info()
+    )
+
+
+def print_blas() -> None:
+    """Print :func:`blas_info` and, when ``OPENBLAS_CORETYPE`` holds OpenBLAS to a kernel
+    without this CPU's AVX-512, the note that says so: the kernel changes every ratio."""
+    from mrcnn_edu.threads import forced_kernel_warning
+
+    print(f"BLAS: {blas_info()}")
+    warning = forced_kernel_warning()
+    if warning:
+        print(warning)

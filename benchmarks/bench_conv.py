@@ -6,7 +6,11 @@ and report:
   * the ratio to a plain float32 GEMM of the same size (O x K) @ (K x P) run three times —
     the best an im2col convolution can do on this BLAS (target: >= 50%);
   * when torch is installed, the time ratio to torch.nn.functional.conv2d forward+backward on
-    the CPU with the same thread count (target: <= 1.5x).
+    the CPU with the same thread count (target: <= 1.5x), and the same ratio for those three
+    plain GEMMs ('GEMMs/torch'): no im2col convolution on this BLAS gets below that floor.
+
+The BLAS library and kernel are printed first: OpenBLAS's kernel (AVX2 or AVX-512) changes
+every figure, by 2x on one machine of ours (``mrcnn_edu.threads.forced_kernel_warning``).
 
 Usage: python benchmarks/bench_conv.py [--repeats 3] [--small]
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from _timing import median_time  # benchmarks/_timing.py
+from _timing import median_time, print_blas  # benchmarks/_timing.py
 
 from mrcnn_edu.nn import functional as F
 
@@ -44,7 +48,11 @@ def main() -> None:
     except ImportError:
         torch = None
     rng = np.random.default_rng(0)
-    print(f"{'shape':42s} {'ours ms':>9s} {'GFLOP/s':>8s} {'vs GEMM':>8s} {'vs torch':>9s}")
+    print_blas()
+    print(
+        f"{'shape':42s} {'ours ms':>9s} {'GFLOP/s':>8s} {'vs GEMM':>8s} {'vs torch':>9s} "
+        f"{'GEMMs/torch':>11s}"
+    )
     for name, n, c, h, w, o, k, s, p in SHAPES:
         if args.small and n == 1:
             h, w = h // 4, w // 4
@@ -64,7 +72,7 @@ def main() -> None:
         a_ = rng.standard_normal((o, kdim), dtype=np.float32)
         b_ = rng.standard_normal((kdim, pdim), dtype=np.float32)
         t_gemm = 3 * median_time(lambda: a_ @ b_, args.repeats)
-        torch_col = "n/a"
+        torch_col = floor_col = "n/a"
         if torch is not None:
             tx = torch.from_numpy(x).requires_grad_(True)
             tw = torch.from_numpy(wt).requires_grad_(True)
@@ -77,9 +85,10 @@ def main() -> None:
 
             t_torch = median_time(theirs, args.repeats)
             torch_col = f"{t_ours / t_torch:8.2f}x"
+            floor_col = f"{t_gemm / t_torch:10.2f}x"
         print(
             f"{name:42s} {t_ours * 1e3:9.1f} {flops / t_ours / 1e9:8.1f} "
-            f"{t_gemm / t_ours:7.0%} {torch_col:>9s}"
+            f"{t_gemm / t_ours:7.0%} {torch_col:>9s} {floor_col:>11s}"
         )
     if torch is not None:
         print(f"(torch uses {torch_threads} threads; 'vs torch' is our time / torch's time)")

@@ -45,6 +45,8 @@ import sys
 import tempfile
 import time
 
+from _timing import blas_info  # benchmarks/_timing.py
+
 STAGES = ("transform", "backbone+FPN", "RPN", "box branch", "mask branch", "paste")
 IMAGE_HW = (800, 1088)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,18 +65,6 @@ def memory_kib() -> dict:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(line.split()[1])
     return out
-
-
-def blas_info() -> str:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "threadpoolctl not installed (threads set by environment variables)"
-    return "; ".join(
-        f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} "
-        f"threads={i.get('num_threads')}"
-        for i in threadpool_info()
-    )
 
 
 def run_pipeline(stages, repeats: int) -> dict:

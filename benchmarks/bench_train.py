@@ -41,6 +41,8 @@ import sys
 import tempfile
 import time
 
+from _timing import print_blas  # benchmarks/_timing.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BATCH = 4  # the demo's images per step
@@ -250,6 +252,7 @@ def main() -> None:
         f"GEMM reference: 100 float32 GEMMs of 1024x1024x1024, NumPy, 2 threads: {ref:.2f} s"
         + (" (estimated from 10)" if args.quick else "")
     )
+    print_blas()
     print(
         f"{available_cores()} cores; {steps} timed steps per configuration, {size}x{size} "
         f"images; 'x ref' = seconds / the reference"

@@ -167,9 +167,10 @@ def _set_threads(args) -> None:
     """``--threads`` (or its default, ``threads.choose_threads``), applied and printed; a bad
     count is a ValueError naming it (exit 2)."""
     if hasattr(args, "threads"):
-        from .threads import configure_threads
+        from .threads import configure_threads, say_blas_warnings
 
         configure_threads(args.threads)
+        say_blas_warnings()
 
 
 def _add_evaluate_parser(sub):

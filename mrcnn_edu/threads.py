@@ -27,6 +27,10 @@ applied; it comes with the ``demo`` and ``test`` extras). The count changes the 
 run's numbers (OpenBLAS splits a product differently), never more; a fixed rule, rather than
 one that follows the machine's load, keeps a run reproducible.
 
+Which GEMM kernel OpenBLAS runs matters as much as how many threads: where the environment sets
+``OPENBLAS_CORETYPE`` to a kernel without AVX-512 on a CPU that has it, the commands say so at
+start (:func:`forced_kernel_warning`), since every convolution then runs at about half speed.
+
 :func:`gemm_reference` times 100 float32 GEMMs of 1024x1024x1024 on 2 threads: a machine's
 speed in one number, printed by ``bench_train.py`` and at the end of ``mrcnn-edu demo`` so a
 time can be given as a multiple of it.
@@ -177,8 +181,73 @@ def configure_threads(value=None, environ=None, say=print) -> ThreadChoice:
     return choice
 
 
+def say_blas_warnings(environ=None, say=print) -> None:
+    """Say :func:`forced_kernel_warning`, if any (under ``mpiexec``, only the first rank)."""
+    from .distributed import launched_rank
+
+    warning = forced_kernel_warning(environ)
+    if warning and launched_rank(environ) == 0:
+        say(warning)
+
+
 def _silent(line: str) -> None:
     pass
+
+
+# -- which GEMM kernel OpenBLAS runs --------------------------------------------------------------
+# OpenBLAS picks a kernel for the CPU it finds at start, unless OPENBLAS_CORETYPE names one. Some
+# machines set that variable for an older OpenBLAS that did not know their CPU; a current one then
+# runs the named kernel even where a wider one would be twice as fast (measured on a 2-core AMD
+# EPYC, Zen 5, with AVX-512: float32 GEMMs of 1024^3 at 400 GFLOP/s by itself, 205 with
+# OPENBLAS_CORETYPE=Haswell). These kernels (threadpoolctl's "architecture") use AVX-512.
+_AVX512_KERNELS = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (``avx2``, ``avx512f`` ...); empty where that
+    file does not exist (macOS, Windows) or has no flags line."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def openblas_kernel() -> str | None:
+    """The kernel NumPy's OpenBLAS runs (``"Haswell"``, ``"SkylakeX"`` ...), as threadpoolctl
+    reports it; None without threadpoolctl or with another BLAS."""
+    import numpy  # noqa: F401 -- threadpoolctl finds only libraries already loaded
+
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    for lib in threadpool_info():
+        if lib.get("internal_api") == "openblas" and lib.get("architecture"):
+            return lib["architecture"]
+    return None
+
+
+def forced_kernel_warning(environ=None, kernel: str | None = None, flags=None) -> str | None:
+    """A one-line note when ``OPENBLAS_CORETYPE`` holds OpenBLAS to a kernel without AVX-512 on
+    a CPU that has it (so every convolution runs at about half speed); None otherwise.
+    ``kernel`` and ``flags`` default to :func:`openblas_kernel` and :func:`cpu_flags`."""
+    environ = os.environ if environ is None else environ
+    forced = environ.get("OPENBLAS_CORETYPE", "")
+    if not forced:
+        return None
+    kernel = openblas_kernel() if kernel is None else kernel
+    flags = cpu_flags() if flags is None else flags
+    if not kernel or kernel.lower() in _AVX512_KERNELS or "avx512f" not in flags:
+        return None
+    return (
+        f"note: OPENBLAS_CORETYPE={forced} is set, so OpenBLAS runs its {kernel} kernel and "
+        "leaves this CPU's AVX-512 unused; a current NumPy picks a faster kernel by itself "
+        "(about 2x faster GEMMs on one machine of ours): run with `env -u OPENBLAS_CORETYPE ...`"
+    )
 
 
 def gemm_reference(repeats: int = 100, size: int = 1024, threads: int | None = 2) -> float:

@@ -200,3 +200,53 @@ def test_demo_ends_with_the_gemm_reference(tmp_path, monkeypatch, capsys, restor
     monkeypatch.setenv("PMI_SIZE", "2")  # under mpiexec the ranks share the cores: not measured
     assert cli.main(argv) == 0 and calls == [1, 1]
     assert "whole command" not in capsys.readouterr().out
+
+
+# -- the GEMM kernel -------------------------------------------------------------------------------
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert T.cpu_flags(str(info)) == {"fpu", "sse2", "avx2", "avx512f"}
+    info.write_text("processor\t: 0\n")
+    assert T.cpu_flags(str(info)) == frozenset()
+    assert T.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+@pytest.mark.parametrize(
+    "environ, kernel, flags, warned",
+    [
+        ({"OPENBLAS_CORETYPE": "Haswell"}, "Haswell", {"avx2", "avx512f"}, True),
+        ({"OPENBLAS_CORETYPE": "zen"}, "Zen", {"avx2", "avx512f"}, True),
+        ({}, "Haswell", {"avx2", "avx512f"}, False),  # OpenBLAS chose it itself
+        ({"OPENBLAS_CORETYPE": "Haswell"}, "Haswell", {"avx2"}, False),  # no AVX-512 to use
+        ({"OPENBLAS_CORETYPE": "SkylakeX"}, "SkylakeX", {"avx2", "avx512f"}, False),
+        ({"OPENBLAS_CORETYPE": "Haswell"}, "", {"avx512f"}, False),  # not OpenBLAS
+    ],
+)
+def test_forced_kernel_warning(environ, kernel, flags, warned):
+    warning = T.forced_kernel_warning(environ, kernel=kernel, flags=frozenset(flags))
+    assert (warning is not None) == warned
+    if warned:
+        assert f"OPENBLAS_CORETYPE={environ['OPENBLAS_CORETYPE']}" in warning
+        assert f"its {kernel} kernel" in warning and "env -u OPENBLAS_CORETYPE" in warning
+
+
+def test_say_blas_warnings_only_on_the_first_rank(monkeypatch):
+    monkeypatch.setattr(T, "openblas_kernel", lambda: "Haswell")
+    monkeypatch.setattr(T, "cpu_flags", lambda: frozenset({"avx512f"}))
+    lines = []
+    T.say_blas_warnings({"OPENBLAS_CORETYPE": "Haswell"}, say=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("note: OPENBLAS_CORETYPE=Haswell")
+    T.say_blas_warnings({"OPENBLAS_CORETYPE": "Haswell", "PMI_RANK": "1"}, say=lines.append)
+    T.say_blas_warnings({}, say=lines.append)
+    assert len(lines) == 1
+
+
+def test_openblas_kernel_names_numpys_kernel():
+    import numpy as np
+
+    np.ones(1)  # NumPy (and its BLAS) loaded
+    libs = [lib for lib in threadpoolctl.threadpool_info() if lib.get("internal_api") == "openblas"]
+    if not libs:
+        pytest.skip("NumPy does not use OpenBLAS here")
+    assert T.openblas_kernel() == libs[0]["architecture"]
