@@ -16,7 +16,9 @@ threads), so numbers from different machines can be compared.
 2. Contention: the median quiet step, and the median and slowest step while another process
    keeps one core busy (a Python loop), for 1 thread, 2 threads, 2 threads with
    OPENBLAS_THREAD_TIMEOUT=4 (OpenBLAS's idle threads stop spinning sooner), the default policy
-   (``mrcnn_edu.threads.choose_threads``) and (b); quiet and busy steps alternate in blocks
+   (``mrcnn_edu.threads.choose_threads``) and (b), its ranks pinned one per core as the demo
+   starts them (``mrcnn_edu.threads.pin_rank``) and left to the scheduler; quiet and busy
+   steps alternate in blocks
    within one process. Target: no busy step slower than 2x the quiet step (the slowest busy
    step is compared with the policy's own quiet median and with the fastest of all).
 
@@ -43,12 +45,20 @@ import time
 
 from _timing import print_blas  # benchmarks/_timing.py
 
+from mrcnn_edu.threads import PIN_ENV  # imports no NumPy: the workers set threads first
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BATCH = 4  # the demo's images per step
 # The variables that would override the count a worker is asked to use.
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MRCNN_EDU_THREADS")
-BURN = "while True: pass"
+# The loop first frees itself of any CPU affinity it inherited from the rank that started it:
+# it stands for a program of its own, which the scheduler may put on any core.
+BURN = (
+    "import os\n"
+    "if hasattr(os, 'sched_setaffinity'): os.sched_setaffinity(0, range(os.cpu_count()))\n"
+    "while True: pass"
+)
 
 
 # -- one configuration, in its own process ----------------------------------------------------
@@ -109,6 +119,7 @@ def worker(threads: str, steps: int, batch: int, size: int, busy: bool, device=N
     from mrcnn_edu.distributed import get_communicator
 
     T.configure_threads(None if threads == "default" else threads, say=lambda line: None)
+    T.pin_rank()  # with MRCNN_EDU_PIN_CORES=1 under mpiexec, as the demo's ranks
     comm = get_communicator(device=device) if device else get_communicator()
     with tempfile.TemporaryDirectory() as out:
         trainer = demo_trainer(batch, size, out, comm, device)
@@ -151,6 +162,7 @@ def gpu_count() -> int:
 # -- the tables --------------------------------------------------------------------------------
 A2, A1 = "(a) NumPy, 1 process, 2 threads", "(a) NumPy, 1 process, 1 thread"
 B, C, D = "(b) mpiexec -n 2, 1 thread/rank", "(c) CuPy, 1 GPU", "(d) NCCL, all GPUs"
+B_FREE = "(b) mpiexec -n 2, ranks not pinned"
 TIMEOUT, DEFAULT = "2 threads, OPENBLAS_THREAD_TIMEOUT=4", "default policy"
 
 
@@ -161,7 +173,9 @@ def measure(steps: int, size: int) -> dict:
     runs = {
         A2: dict(threads=2, busy=True),
         A1: dict(threads=1, busy=True),
-        B: dict(threads=1, ranks=2, batch=BATCH // 2, busy=True),
+        # each rank pinned to its own core, as `mrcnn-edu demo` starts them; then left free
+        B: dict(threads=1, ranks=2, batch=BATCH // 2, busy=True, env={PIN_ENV: "1"}),
+        B_FREE: dict(threads=1, ranks=2, batch=BATCH // 2, busy=True, env={PIN_ENV: "0"}),
         C: dict(threads=1, device="cuda"),
         D: dict(threads=1, device="cuda", ranks=gpus, batch=BATCH),
         TIMEOUT: dict(threads=2, busy=True, env={"OPENBLAS_THREAD_TIMEOUT": "4"}),
@@ -208,7 +222,7 @@ def print_contention(results: dict, ref: float) -> None:
         f"\n{'thread policy':38s} {'quiet s':>7s} {'busy s':>7s} {'slowest':>7s} "
         f"{'/own quiet':>10s} {'/fastest':>8s} {'':7s} {'x ref quiet/busy':>16s}"
     )
-    rows = (A1, A2, TIMEOUT, DEFAULT, B)
+    rows = (A1, A2, TIMEOUT, DEFAULT, B, B_FREE)
     policies = [n for n in rows if results[n].get("busy")]
     fastest = min((statistics.median(results[n]["quiet"]) for n in policies), default=None)
     for name in rows:

@@ -165,12 +165,21 @@ def _add_threads_flag(*parsers) -> None:
 
 def _set_threads(args) -> None:
     """``--threads`` (or its default, ``threads.choose_threads``), applied and printed; a bad
-    count is a ValueError naming it (exit 2)."""
+    count is a ValueError naming it (exit 2). Then a forced BLAS kernel is reported, and the
+    rank pinned to cores of its own where ``MRCNN_EDU_PIN_CORES=1`` (``threads.pin_rank``)."""
     if hasattr(args, "threads"):
-        from .threads import configure_threads, say_blas_warnings
+        from .distributed import launched_rank
+        from .threads import PIN_ENV, configure_threads, pin_rank, say_blas_warnings
 
         configure_threads(args.threads)
         say_blas_warnings()
+        cpus = pin_rank()
+        if cpus is not None and launched_rank() == 0:
+            where = ", ".join(map(str, cpus))
+            print(
+                f"cores: each rank pinned to its own (rank 0: CPU {where}; "
+                f"{PIN_ENV}=0 leaves them free)"
+            )
 
 
 def _add_evaluate_parser(sub):

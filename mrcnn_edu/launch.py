@@ -23,6 +23,10 @@ every ``W``-th image of the epoch's order). What differs: each rank averages its
 own images before the gradients are averaged, and each rank samples anchors and RoIs from its
 own generator, so the numbers are not those of the one-process run (``docs/data_parallel.md``).
 
+The ranks it starts are pinned, each to cores of its own (``MRCNN_EDU_PIN_CORES=1``, unless
+you set it to 0; ``threads.pin_rank``): left to the scheduler, two ranks and one busy program
+on 2 cores often end up as both ranks on one core, each at half speed.
+
 Ctrl-C and SIGTERM sent to the command are passed to ``mpiexec`` (which passes them to the
 ranks): every rank stops at the same step, the state is saved, and the command exits with the
 ranks' status.
@@ -129,8 +133,12 @@ def run_ranks(argv: list[str], ranks: int) -> int:
     """Run ``launch_command`` and wait; SIGINT/SIGTERM/SIGHUP to this process go to
     ``mpiexec`` (started in a session of its own, so a Ctrl-C in the terminal reaches the
     ranks once, through it). Returns the job's exit status (a signal's as 128 + N)."""
+    from .threads import PIN_ENV
+
     cmd = launch_command(argv, ranks)
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    # each rank on cores of its own (threads.pin_rank), unless the user says otherwise
+    env = {**os.environ, PIN_ENV: os.environ.get(PIN_ENV, "1")}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     def forward(signum, _frame):
         if proc.poll() is None:

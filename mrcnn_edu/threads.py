@@ -27,6 +27,10 @@ applied; it comes with the ``demo`` and ``test`` extras). The count changes the 
 run's numbers (OpenBLAS splits a product differently), never more; a fixed rule, rather than
 one that follows the machine's load, keeps a run reproducible.
 
+Several ranks on one node can each be pinned to cores of their own (:func:`pin_rank`, with
+``MRCNN_EDU_PIN_CORES=1``, which ``mrcnn-edu demo`` sets for the ranks it starts), so that a
+busy program on the machine never leaves two ranks sharing one core.
+
 Which GEMM kernel OpenBLAS runs matters as much as how many threads: where the environment sets
 ``OPENBLAS_CORETYPE`` to a kernel without AVX-512 on a CPU that has it, the commands say so at
 start (:func:`forced_kernel_warning`), since every convolution then runs at about half speed.
@@ -192,6 +196,56 @@ def say_blas_warnings(environ=None, say=print) -> None:
 
 def _silent(line: str) -> None:
     pass
+
+
+# -- one set of cores per rank ----------------------------------------------------------------
+# Several ranks on one node share its cores with whatever else runs there. Left to the Linux
+# scheduler, two ranks and one busy program on 2 cores often end up as both ranks on one core
+# and the program alone on the other: a rank that waits at the step's meeting weighs less in
+# the scheduler's load balance than a program that never waits, so that placement looks
+# balanced to it. Each rank then runs at half speed for the whole step. Pinned one per core,
+# the busy program shares a core with one rank at a time (measured, docs/data_parallel.md).
+PIN_ENV = "MRCNN_EDU_PIN_CORES"
+# This process's index among the ranks on its node (MPICH/Hydra, Open MPI).
+_LOCAL_RANK_ENVS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+def rank_cpus(local_rank: int, ranks: int, allowed) -> list[int] | None:
+    """The CPUs of rank ``local_rank`` of the ``ranks`` on a node: the ``allowed`` CPUs in
+    order, cut into ``ranks`` equal groups (what is left over stays unused). None when there is
+    nothing to share out: one rank, or fewer CPUs than ranks (an oversubscribed node, or a
+    launcher that already bound each rank to its own core)."""
+    cpus = sorted(allowed)
+    per = len(cpus) // ranks if ranks > 1 else 0
+    if per < 1 or not 0 <= local_rank < ranks:
+        return None
+    return cpus[local_rank * per : (local_rank + 1) * per]
+
+
+def pin_rank(environ=None) -> list[int] | None:
+    """With ``MRCNN_EDU_PIN_CORES=1`` (``mrcnn-edu demo`` sets it for the ranks it starts), bind
+    every thread of this rank to its own CPUs (:func:`rank_cpus`) and return them; None when
+    the variable is unset or 0, outside a launcher that numbers the ranks on the node, where
+    :func:`rank_cpus` has nothing to share out, or where the system has no CPU affinity (not
+    Linux). Call it after :func:`configure_threads`, whose default counts the cores before they
+    are shared out. A value other than 0 or 1 is a ValueError naming the variable."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(PIN_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{PIN_ENV} must be 1 (each rank on cores of its own) or 0, got {value!r}")
+    local = [environ[n] for n in _LOCAL_RANK_ENVS if environ.get(n, "").strip().isdigit()]
+    if value != "1" or not local or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = rank_cpus(int(local[0]), local_ranks(environ), os.sched_getaffinity(0))
+    if cpus is None:
+        return None
+    # Every thread, BLAS's workers included: each has an affinity of its own.
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # the thread has ended meanwhile
+            pass
+    return cpus
 
 
 # -- which GEMM kernel OpenBLAS runs --------------------------------------------------------------

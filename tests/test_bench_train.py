@@ -38,6 +38,7 @@ def test_tables_from_hand_made_timings(capsys):
         B.A2: fake([0.2, 0.2, 0.3], [0.5, 0.9, 2.0], threads=2),  # 20 images/s
         B.A1: fake([0.4, 0.4], [0.4, 0.6]),  # 10 images/s
         B.B: fake([0.25, 0.25], [0.3, 0.44], world=2),  # 16 images/s on 2 ranks
+        B.B_FREE: fake([0.25], [0.3, 0.55], world=2),  # not in the throughput table
         B.C: {"error": "no GPU"},
         B.D: {"error": "no GPU"},
         B.TIMEOUT: {"error": "exit 1: boom"},
@@ -58,6 +59,8 @@ def test_tables_from_hand_made_timings(capsys):
                                      "0.200/0.250"]  # fmt: skip
     assert lines["default policy (1 thread(s) here)"][-5:-1] == ["0.390", "1.3x", "1.9x", "ok"]
     assert lines["mpiexec -n 2, 1 thread/rank"][-6:-2] == ["0.440", "1.8x", "2.2x", "over"]
+    assert lines["mpiexec -n 2, ranks not pinned"][-6:-2] == ["0.550", "2.2x", "2.8x", "over"]
+    assert B.B_FREE not in lines  # one row per configuration in the throughput table
     assert "boom" in " ".join(lines[B.TIMEOUT])
 
 

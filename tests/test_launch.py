@@ -13,6 +13,7 @@ import pytest
 
 from mrcnn_edu import launch
 from mrcnn_edu.run_config import demo_train_config
+from mrcnn_edu.threads import PIN_ENV
 from mrcnn_edu.train_parallel import images_word
 
 BIN = os.path.dirname(sys.executable)
@@ -116,7 +117,7 @@ def test_images_word():
 
 
 def _demo_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != launch.RANKS_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (launch.RANKS_ENV, PIN_ENV)}
     return {**env, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
@@ -132,6 +133,10 @@ def test_the_plain_command_starts_two_ranks_that_train_one_run(tmp_path):
     assert lines[0].endswith(" -m mrcnn_edu.cli demo --quick --steps 3 --out "
                              f"{out} --no-progress --ranks 2")  # fmt: skip
     assert "data parallel: 2 ranks x 1 image per rank = effective batch 2" in lines
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(allowed) >= 2:  # the ranks share the CPUs out; rank 0 says which it has
+        first = ", ".join(map(str, allowed[: len(allowed) // 2]))
+        assert f"cores: each rank pinned to its own (rank 0: CPU {first}; " in done.stdout
     assert done.stdout.count("training 3 steps of 1 image per rank") == 1  # rank 0 only
     with open(out / "log.csv") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]

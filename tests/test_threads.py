@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -250,3 +253,53 @@ def test_openblas_kernel_names_numpys_kernel():
     if not libs:
         pytest.skip("NumPy does not use OpenBLAS here")
     assert T.openblas_kernel() == libs[0]["architecture"]
+
+
+# -- one set of cores per rank ---------------------------------------------------------------------
+def test_rank_cpus_shares_the_allowed_cpus_out():
+    assert T.rank_cpus(0, 2, {0, 1}) == [0] and T.rank_cpus(1, 2, {1, 0}) == [1]
+    assert T.rank_cpus(1, 2, {4, 5, 6, 7, 8}) == [6, 7]  # 2 each in order; CPU 8 left over
+    assert T.rank_cpus(2, 3, range(8)) == [4, 5]
+    assert T.rank_cpus(0, 1, {0, 1}) is None  # one rank: nothing to share out
+    assert T.rank_cpus(1, 2, {3}) is None  # fewer CPUs than ranks: bound already, or oversubscribed
+    assert T.rank_cpus(2, 2, {0, 1}) is None  # not one of the ranks
+
+
+def test_pin_rank_asks_for_the_variable(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(T.os, "sched_setaffinity", lambda tid, cpus: pinned.append(cpus), False)
+    launched = {"MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
+    assert T.pin_rank(launched) is None  # unset: the scheduler decides
+    assert T.pin_rank({**launched, T.PIN_ENV: "0"}) is None
+    assert T.pin_rank({T.PIN_ENV: "1"}) is None  # not started by a launcher
+    assert pinned == []
+    with pytest.raises(ValueError, match=r"MRCNN_EDU_PIN_CORES must be 1 .* or 0, got 'yes'"):
+        T.pin_rank({**launched, T.PIN_ENV: "yes"})
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs CPU affinity (Linux) and at least 2 CPUs",
+)
+def test_pin_rank_binds_every_thread_of_the_process():
+    # in a process of its own: pinning would change this test process for the tests after it
+    code = (
+        "import json, os, threading\n"
+        "from mrcnn_edu import threads as T\n"
+        "seen = {}\n"
+        "go = threading.Event()\n"
+        "def worker():\n"
+        "    go.wait(); seen['thread'] = sorted(os.sched_getaffinity(0))\n"
+        "t = threading.Thread(target=worker); t.start()\n"
+        "cpus = T.pin_rank()\n"
+        "go.set(); t.join()\n"
+        "print(json.dumps([cpus, sorted(os.sched_getaffinity(0)), seen['thread']]))\n"
+    )
+    allowed = sorted(os.sched_getaffinity(0))
+    env = {**os.environ, T.PIN_ENV: "1", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    per = len(allowed) // 2
+    mine = allowed[per : 2 * per]  # rank 1's half
+    # what pin_rank returned, the main thread's affinity, the other thread's (started before)
+    assert json.loads(done.stdout) == [mine, mine, mine]
