@@ -86,8 +86,9 @@ def demo_ranks_command(argv: list[str], ranks: int) -> int:
     """``mrcnn-edu demo`` as ``ranks`` MPI processes (``launch.run_ranks``), with the GEMM
     reference measured here, before they start, for the closing line."""
     from .launch import launch_command, run_ranks
-    from .threads import command_reference, reference_summary
+    from .threads import command_reference, pin_setting, reference_summary
 
+    pin_setting()  # a bad MRCNN_EDU_PIN_CORES is refused before anything starts
     started, reference = time.perf_counter(), command_reference()
     print(f"training on {ranks} ranks, one per core: {shlex.join(launch_command(argv, ranks))}")
     sys.stdout.flush()  # before the ranks' own lines

@@ -133,11 +133,12 @@ def run_ranks(argv: list[str], ranks: int) -> int:
     """Run ``launch_command`` and wait; SIGINT/SIGTERM/SIGHUP to this process go to
     ``mpiexec`` (started in a session of its own, so a Ctrl-C in the terminal reaches the
     ranks once, through it). Returns the job's exit status (a signal's as 128 + N)."""
-    from .threads import PIN_ENV
+    from .threads import PIN_ENV, pin_setting
 
+    # each rank on cores of its own (threads.pin_rank), unless the user says otherwise; a bad
+    # value is refused here, before any rank starts
+    env = {**os.environ, PIN_ENV: pin_setting() or "1"}
     cmd = launch_command(argv, ranks)
-    # each rank on cores of its own (threads.pin_rank), unless the user says otherwise
-    env = {**os.environ, PIN_ENV: os.environ.get(PIN_ENV, "1")}
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     def forward(signum, _frame):

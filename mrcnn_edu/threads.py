@@ -222,6 +222,16 @@ def rank_cpus(local_rank: int, ranks: int, allowed) -> list[int] | None:
     return cpus[local_rank * per : (local_rank + 1) * per]
 
 
+def pin_setting(environ=None) -> str:
+    """``MRCNN_EDU_PIN_CORES`` as ``"1"``, ``"0"`` or ``""`` (unset); any other value is a
+    ValueError naming the variable."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(PIN_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{PIN_ENV} must be 1 (each rank on cores of its own) or 0, got {value!r}")
+    return value
+
+
 def pin_rank(environ=None) -> list[int] | None:
     """With ``MRCNN_EDU_PIN_CORES=1`` (``mrcnn-edu demo`` sets it for the ranks it starts), bind
     every thread of this rank to its own CPUs (:func:`rank_cpus`) and return them; None when
@@ -230,11 +240,8 @@ def pin_rank(environ=None) -> list[int] | None:
     Linux). Call it after :func:`configure_threads`, whose default counts the cores before they
     are shared out. A value other than 0 or 1 is a ValueError naming the variable."""
     environ = os.environ if environ is None else environ
-    value = environ.get(PIN_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{PIN_ENV} must be 1 (each rank on cores of its own) or 0, got {value!r}")
     local = [environ[n] for n in _LOCAL_RANK_ENVS if environ.get(n, "").strip().isdigit()]
-    if value != "1" or not local or not hasattr(os, "sched_setaffinity"):
+    if pin_setting(environ) != "1" or not local or not hasattr(os, "sched_setaffinity"):
         return None
     cpus = rank_cpus(int(local[0]), local_ranks(environ), os.sched_getaffinity(0))
     if cpus is None:

@@ -175,3 +175,18 @@ def test_a_signal_to_the_command_reaches_the_ranks_once(tmp_path, signum):
     # and the command that continues it exactly: the same number of ranks
     assert f"`mpiexec -n 2 mrcnn-edu train --resume {out}`" in stdout
     assert "Traceback" not in stderr
+
+
+def test_a_bad_pin_setting_is_refused_before_the_ranks_start(
+    tmp_path, monkeypatch, mpi_installed, capsys
+):
+    from mrcnn_edu import cli
+
+    monkeypatch.setenv(PIN_ENV, "yes")
+    monkeypatch.setattr(launch, "run_ranks", lambda argv, ranks: pytest.fail("ranks started"))
+    out = tmp_path / "run"
+    assert cli.main(["demo", "--quick", "--ranks", "2", "--out", str(out)]) == 2
+    assert "MRCNN_EDU_PIN_CORES must be 1 (each rank on cores of its own) or 0, got 'yes'" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
