@@ -118,8 +118,8 @@ def worker(threads: str, steps: int, batch: int, size: int, busy: bool, device=N
     from mrcnn_edu import threads as T
     from mrcnn_edu.distributed import get_communicator
 
-    T.configure_threads(None if threads == "default" else threads, say=lambda line: None)
-    T.pin_rank()  # with MRCNN_EDU_PIN_CORES=1 under mpiexec, as the demo's ranks
+    choice = T.configure_threads(None if threads == "default" else threads, say=lambda line: None)
+    T.pin_rank(threads=choice.threads)  # with MRCNN_EDU_PIN_CORES=1 under mpiexec, as the demo
     comm = get_communicator(device=device) if device else get_communicator()
     with tempfile.TemporaryDirectory() as out:
         trainer = demo_trainer(batch, size, out, comm, device)

@@ -169,11 +169,11 @@ def _set_threads(args) -> None:
     rank pinned to cores of its own where ``MRCNN_EDU_PIN_CORES=1`` (``threads.pin_rank``)."""
     if hasattr(args, "threads"):
         from .distributed import launched_rank
-        from .threads import PIN_ENV, configure_threads, pin_rank, say_blas_warnings
+        from .threads import PIN_ENV, blas_threads, configure_threads, pin_rank, say_blas_warnings
 
-        configure_threads(args.threads)
+        choice = configure_threads(args.threads)
         say_blas_warnings()
-        cpus = pin_rank()
+        cpus = pin_rank(threads=choice.threads or blas_threads())
         if cpus is not None and launched_rank() == 0:
             where = ", ".join(map(str, cpus))
             print(

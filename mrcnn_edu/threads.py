@@ -232,19 +232,21 @@ def pin_setting(environ=None) -> str:
     return value
 
 
-def pin_rank(environ=None) -> list[int] | None:
+def pin_rank(environ=None, threads: int | None = None) -> list[int] | None:
     """With ``MRCNN_EDU_PIN_CORES=1`` (``mrcnn-edu demo`` sets it for the ranks it starts), bind
     every thread of this rank to its own CPUs (:func:`rank_cpus`) and return them; None when
     the variable is unset or 0, outside a launcher that numbers the ranks on the node, where
-    :func:`rank_cpus` has nothing to share out, or where the system has no CPU affinity (not
-    Linux). Call it after :func:`configure_threads`, whose default counts the cores before they
-    are shared out. A value other than 0 or 1 is a ValueError naming the variable."""
+    :func:`rank_cpus` has nothing to share out, where the rank's ``threads`` BLAS threads would
+    outnumber its CPUs (OpenBLAS's threads spin-wait for each other: on one core they would
+    take turns), or where the system has no CPU affinity (not Linux). Call it after
+    :func:`configure_threads`, whose default counts the cores before they are shared out. A
+    value other than 0 or 1 is a ValueError naming the variable."""
     environ = os.environ if environ is None else environ
     local = [environ[n] for n in _LOCAL_RANK_ENVS if environ.get(n, "").strip().isdigit()]
     if pin_setting(environ) != "1" or not local or not hasattr(os, "sched_setaffinity"):
         return None
     cpus = rank_cpus(int(local[0]), local_ranks(environ), os.sched_getaffinity(0))
-    if cpus is None:
+    if cpus is None or (threads is not None and threads > len(cpus)):
         return None
     # Every thread, BLAS's workers included: each has an affinity of its own.
     for tid in os.listdir("/proc/self/task"):

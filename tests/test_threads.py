@@ -275,6 +275,11 @@ def test_pin_rank_asks_for_the_variable(monkeypatch):
     assert pinned == []
     with pytest.raises(ValueError, match=r"MRCNN_EDU_PIN_CORES must be 1 .* or 0, got 'yes'"):
         T.pin_rank({**launched, T.PIN_ENV: "yes"})
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1})
+    # 2 BLAS threads on the one CPU of rank 1 would take turns: left unpinned
+    assert T.pin_rank({**launched, T.PIN_ENV: "1"}, threads=2) is None and pinned == []
+    assert T.pin_rank({**launched, T.PIN_ENV: "1"}, threads=1) == [1]
+    assert pinned and all(cpus == [1] for cpus in pinned)  # every thread of the process
 
 
 @pytest.mark.skipif(
