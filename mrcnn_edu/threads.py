@@ -201,10 +201,11 @@ def _silent(line: str) -> None:
 # -- one set of cores per rank ----------------------------------------------------------------
 # Several ranks on one node share its cores with whatever else runs there. Left to the Linux
 # scheduler, two ranks and one busy program on 2 cores often end up as both ranks on one core
-# and the program alone on the other: a rank that waits at the step's meeting weighs less in
-# the scheduler's load balance than a program that never waits, so that placement looks
-# balanced to it. Each rank then runs at half speed for the whole step. Pinned one per core,
-# the busy program shares a core with one rank at a time (measured, docs/data_parallel.md).
+# and the program alone on the other (most likely because a rank that sleeps at the step's
+# meeting weighs less in the scheduler's load balance than a program that never waits, so that
+# placement looks balanced to it). Each rank then runs at half speed for the whole step. Pinned
+# one per core, the busy program shares a core with one rank at a time (measured,
+# docs/data_parallel.md).
 PIN_ENV = "MRCNN_EDU_PIN_CORES"
 # This process's index among the ranks on its node (MPICH/Hydra, Open MPI).
 _LOCAL_RANK_ENVS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
