@@ -36,6 +36,8 @@ BUCKET_BYTES = 25 * 1024 * 1024  # the gradient bucket size (PyTorch DDP's defau
 # MPI: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE; PMIx launchers: PMIX_SIZE).
 _WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+# This process's index among the ranks on its node (MPICH/Hydra, Open MPI).
+_LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
 class Communicator:
@@ -223,7 +225,13 @@ def launched_rank(environ=None) -> int:
     return _launcher_number(_RANK_VARIABLES, 0, environ)
 
 
-def _launcher_number(names, default: int, environ=None) -> int:
+def launched_local_rank(environ=None) -> int | None:
+    """This process's index among the ranks its launcher started on this node (None when no
+    launcher says it)."""
+    return _launcher_number(_LOCAL_RANK_VARIABLES, None, environ)
+
+
+def _launcher_number(names, default: int | None, environ=None) -> int | None:
     """The first of the launcher's variables ``names`` that holds a whole number."""
     environ = os.environ if environ is None else environ
     for name in names:

@@ -207,8 +207,6 @@ def _silent(line: str) -> None:
 # one per core, the busy program shares a core with one rank at a time (measured,
 # docs/data_parallel.md).
 PIN_ENV = "MRCNN_EDU_PIN_CORES"
-# This process's index among the ranks on its node (MPICH/Hydra, Open MPI).
-_LOCAL_RANK_ENVS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
 def rank_cpus(local_rank: int, ranks: int, allowed) -> list[int] | None:
@@ -242,11 +240,12 @@ def pin_rank(environ=None, threads: int | None = None) -> list[int] | None:
     take turns), or where the system has no CPU affinity (not Linux). Call it after
     :func:`configure_threads`, whose default counts the cores before they are shared out. A
     value other than 0 or 1 is a ValueError naming the variable."""
-    environ = os.environ if environ is None else environ
-    local = [environ[n] for n in _LOCAL_RANK_ENVS if environ.get(n, "").strip().isdigit()]
-    if pin_setting(environ) != "1" or not local or not hasattr(os, "sched_setaffinity"):
+    from .distributed import launched_local_rank
+
+    local = launched_local_rank(environ)
+    if pin_setting(environ) != "1" or local is None or not hasattr(os, "sched_setaffinity"):
         return None
-    cpus = rank_cpus(int(local[0]), local_ranks(environ), os.sched_getaffinity(0))
+    cpus = rank_cpus(local, local_ranks(environ), os.sched_getaffinity(0))
     if cpus is None or (threads is not None and threads > len(cpus)):
         return None
     # Every thread, BLAS's workers included: each has an affinity of its own.
