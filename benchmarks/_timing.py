@@ -28,16 +28,15 @@ def median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]
 
 def blas_info() -> str:
     """``openblas 0.3.31 SkylakeX threads=2``-style description of the loaded BLAS libraries."""
-    import numpy  # noqa: F401 -- threadpoolctl finds only libraries already loaded
+    from mrcnn_edu.threads import blas_pools
 
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
+    pools = blas_pools()
+    if pools is None:
         return "threadpoolctl not installed (threads set by environment variables)"
     return "; ".join(
         f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} "
         f"threads={i.get('num_threads')}"
-        for i in threadpool_info()
+        for i in pools
     )
 
 

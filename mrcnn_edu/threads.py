@@ -146,16 +146,23 @@ def apply_threads(n: int) -> None:
     threadpool_limits(limits=parse_threads(n, "the thread count"))
 
 
-def blas_threads() -> int | None:
-    """The thread count of this process's BLAS (the largest if several); None without
-    threadpoolctl or a BLAS it knows."""
+def blas_pools() -> list[dict] | None:
+    """threadpoolctl's description of every thread pool loaded in this process (NumPy's BLAS
+    among them: ``internal_api``, ``version``, ``architecture``, ``num_threads`` ...); None
+    without threadpoolctl."""
     import numpy  # noqa: F401 -- threadpoolctl finds only libraries already loaded
 
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
         return None
-    counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+    return threadpool_info()
+
+
+def blas_threads() -> int | None:
+    """The thread count of this process's BLAS (the largest if several); None without
+    threadpoolctl or a BLAS it knows."""
+    counts = [p["num_threads"] for p in blas_pools() or () if p.get("user_api") == "blas"]
     return max(counts) if counts else None
 
 
@@ -282,13 +289,7 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 def openblas_kernel() -> str | None:
     """The kernel NumPy's OpenBLAS runs (``"Haswell"``, ``"SkylakeX"`` ...), as threadpoolctl
     reports it; None without threadpoolctl or with another BLAS."""
-    import numpy  # noqa: F401 -- threadpoolctl finds only libraries already loaded
-
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return None
-    for lib in threadpool_info():
+    for lib in blas_pools() or ():
         if lib.get("internal_api") == "openblas" and lib.get("architecture"):
             return lib["architecture"]
     return None

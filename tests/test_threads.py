@@ -123,6 +123,8 @@ def test_configure_threads_without_threadpoolctl(monkeypatch):
     assert "OpenBLAS's own count" in lines[0] and "pip install threadpoolctl" in lines[0]
     with pytest.raises(ImportError, match="threadpoolctl"):
         T.gemm_reference(repeats=1, size=8, threads=2)
+    # what the BLAS is cannot be asked: no pools, no count, no kernel (so no kernel note)
+    assert T.blas_pools() is None and T.blas_threads() is None and T.openblas_kernel() is None
 
 
 def test_gemm_reference_restores_the_count(restore_threads):
